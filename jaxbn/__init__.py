@@ -1,0 +1,30 @@
+"""jaxbn: batch normalization for JAX and Flax, done right.
+
+Pure functions over an explicit `RunningStats` pytree, exact and stable
+cross-device statistics, and drop-in Flax modules (`jaxbn.linen`,
+`jaxbn.nnx`).
+"""
+
+from jaxbn._norm import batch_norm as batch_norm
+from jaxbn._norm import batch_renorm as batch_renorm
+from jaxbn._norm import normalize as normalize
+from jaxbn._running import Moments as Moments
+from jaxbn._running import RunningStats as RunningStats
+from jaxbn._running import init_stats as init_stats
+from jaxbn._running import update_stats as update_stats
+from jaxbn._stats import GATHER_MAX_DEVICES as GATHER_MAX_DEVICES
+from jaxbn._stats import moments as moments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GATHER_MAX_DEVICES",
+    "Moments",
+    "RunningStats",
+    "batch_norm",
+    "batch_renorm",
+    "init_stats",
+    "moments",
+    "normalize",
+    "update_stats",
+]

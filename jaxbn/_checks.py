@@ -1,0 +1,162 @@
+"""Argument validation shared by every jaxbn entry point.
+
+Every check runs at trace time on static shapes and Python values, so a bad
+call fails before anything is compiled, with a message that names the
+argument, the shapes involved and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Axes = int | Sequence[int]
+AxisName = Any  # a hashable name or a tuple of names
+
+
+def canonical_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...]:
+    """Returns `axis` as a sorted tuple of non-negative ints, validated for `ndim`."""
+    if isinstance(axis, int):
+        axes: tuple = (axis,)
+    elif isinstance(axis, Sequence):
+        axes = tuple(axis)
+    else:
+        raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}")
+    if not axes:
+        raise ValueError(f"{name} must name at least one feature axis, got {axis!r}")
+    out = []
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{name}={axis!r} is out of range for an input with {ndim} dimensions "
+                f"(valid axes are {-ndim}..{ndim - 1})"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}={axis!r} names the same axis twice")
+    return tuple(sorted(out))
+
+
+def check_input(x: Any, *, name: str = "x") -> jax.Array:
+    """Returns `x` as an array; raises TypeError unless it is floating or complex."""
+    x = jnp.asarray(x)
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)):
+        raise TypeError(
+            f"{name} must be a floating-point or complex array, got dtype {x.dtype} with "
+            f"shape {x.shape}; cast it first, e.g. {name}.astype(jnp.float32)"
+        )
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    return x
+
+
+def feature_shape(shape: Sequence[int], feature_axes: Sequence[int]) -> tuple[int, ...]:
+    """Sizes of `shape` on `feature_axes` (ascending axis order)."""
+    return tuple(shape[a] for a in feature_axes)
+
+
+def reduction_axes(ndim: int, feature_axes: Sequence[int]) -> tuple[int, ...]:
+    """Every axis of an `ndim`-dimensional input that is not a feature axis."""
+    return tuple(a for a in range(ndim) if a not in feature_axes)
+
+
+def check_feature_array(
+    value: Any, name: str, expected: tuple[int, ...], x_shape: Sequence[int], axis: Axes, hint: str = ""
+) -> jax.Array | None:
+    """Checks that a per-feature array (`scale`, `stats.mean`, ...) has the feature shape."""
+    if value is None:
+        return None
+    value = jnp.asarray(value)
+    if value.shape != expected and value.size == math.prod(expected) and value.ndim <= len(x_shape):
+        # A broadcast-shaped array such as (1, 1, 1, C): accept it when its
+        # non-unit dimensions are exactly the features.
+        squeezed = tuple(d for d in value.shape if d != 1)
+        if squeezed == tuple(d for d in expected if d != 1):
+            return value.reshape(expected)
+    if value.shape != expected:
+        raise ValueError(
+            f"{name} has shape {value.shape} but x of shape {tuple(x_shape)} has feature "
+            f"shape {expected} on axis={axis!r}{hint}"
+        )
+    return value
+
+
+def check_mask(mask: Any, x_shape: Sequence[int]) -> jax.Array | None:
+    """Returns `mask` as a bool array of x's rank; raises if it does not broadcast to x."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        if jnp.issubdtype(mask.dtype, jnp.floating) or jnp.issubdtype(mask.dtype, jnp.complexfloating):
+            raise TypeError(
+                f"mask must be a boolean (or integer 0/1) array, got dtype {mask.dtype}; "
+                "use mask > 0 for a weight array"
+            )
+        mask = mask != 0
+    ok = mask.ndim <= len(x_shape) and all(
+        m in (1, s) for m, s in zip(mask.shape[::-1], tuple(x_shape)[::-1], strict=False)
+    )
+    if not ok:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to x of shape {tuple(x_shape)}"
+        )
+    return mask.reshape((1,) * (len(x_shape) - mask.ndim) + mask.shape)
+
+
+def check_momentum(momentum: Any) -> None:
+    """momentum must be None (cumulative average) or a number in [0, 1]."""
+    if momentum is None or isinstance(momentum, jax.core.Tracer):
+        return
+    try:
+        m = float(momentum)
+    except TypeError as e:
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}") from e
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(
+            f"momentum={momentum!r} is outside [0, 1]; jaxbn's momentum is the EMA decay "
+            "(new = momentum * old + (1 - momentum) * batch), so PyTorch's 0.1 is jaxbn's 0.9"
+        )
+
+
+def check_epsilon(epsilon: Any) -> None:
+    """epsilon must be a positive number."""
+    if isinstance(epsilon, jax.core.Tracer):
+        return
+    if not float(epsilon) > 0.0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+
+
+def axis_size(axis_name: AxisName, axis_index_groups: Any = None) -> int:
+    """Number of participants in a collective over `axis_name`, or a clear NameError."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    size = 1
+    for n in names:
+        try:
+            size *= lax.axis_size(n)
+        except NameError as e:
+            raise NameError(
+                f"axis_name={axis_name!r}: the axis {n!r} is not bound here. Bind it by "
+                f"calling under jax.pmap(..., axis_name={n!r}), jax.vmap(..., axis_name={n!r}) "
+                f"or jax.shard_map over a mesh with an axis named {n!r}; or pass axis_name=None "
+                "(under plain jax.jit on a sharded batch the statistics are global already)"
+            ) from e
+    if axis_index_groups is not None:
+        groups = [list(g) for g in axis_index_groups]
+        sizes = {len(g) for g in groups}
+        if len(sizes) != 1:
+            raise ValueError(f"axis_index_groups must all have the same size, got {axis_index_groups!r}")
+        flat = sorted(i for g in groups for i in g)
+        if flat != list(range(size)):
+            raise ValueError(
+                f"axis_index_groups={axis_index_groups!r} must partition the {size} indices of "
+                f"axis_name={axis_name!r}"
+            )
+        size = sizes.pop()
+    return size

@@ -1,0 +1,124 @@
+"""Running statistics: the explicit state of a batch-norm layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxbn._checks import check_momentum
+
+
+class RunningStats(NamedTuple):
+    """Running statistics of one batch-norm layer (a pytree of arrays).
+
+    Attributes:
+      mean: feature shape, float32 (complex64 once fed complex input), starts at 0.
+      var: feature shape, float32, starts at 1.
+      count: int32 scalar, the number of updates applied, starts at 0.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, name fixed by the API
+
+
+class Moments(NamedTuple):
+    """Batch moments over the reduced axes (and devices), per feature.
+
+    Attributes:
+      mean: feature shape, float32 (complex for complex input).
+      var: feature shape, float32: the biased (population) variance E|x - mean|^2.
+      count: feature shape, float32: the number of entries reduced, all devices.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, name fixed by the API
+
+
+def init_stats(feature_shape: int | Sequence[int], dtype: Any = jnp.float32) -> RunningStats:
+    """Fresh running statistics: mean 0, var 1, count 0.
+
+    Args:
+      feature_shape: number of features, or the feature shape for several feature axes.
+      dtype: dtype of `mean` and `var` (default float32).
+
+    Returns:
+      A `RunningStats` with `mean` and `var` of shape `feature_shape`.
+
+    >>> import jaxbn
+    >>> stats = jaxbn.init_stats(3)
+    >>> stats.mean.tolist(), stats.var.tolist(), int(stats.count)
+    ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
+    """
+    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    if any((not isinstance(d, int)) or d < 0 for d in shape):
+        raise ValueError(f"feature_shape must be non-negative ints, got {feature_shape!r}")
+    return RunningStats(
+        mean=jnp.zeros(shape, dtype),
+        var=jnp.ones(shape, dtype),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+def update_stats(
+    stats: RunningStats, moments: Moments, *, momentum: float | None = 0.99, unbiased: bool = False
+) -> RunningStats:
+    """Folds one batch's moments into the running statistics.
+
+    With `momentum` (the EMA decay, flax's convention; PyTorch's momentum is
+    `1 - momentum`)::
+
+        new = momentum * old + (1 - momentum) * batch
+
+    With `momentum=None`, the cumulative average of all batches so far
+    (PyTorch's `momentum=None`)::
+
+        new = old + (batch - old) / (count + 1)
+
+    `unbiased=True` stores `var * n / (n - 1)` (PyTorch's running_var rule).
+    Features whose `moments.count` is 0 (all masked) keep their old values;
+    `count` goes up by one on every call. `stats` is not modified.
+
+    Args:
+      stats: the current `RunningStats`.
+      moments: batch `Moments` with the same feature shape.
+      momentum: EMA decay in [0, 1], or None for the cumulative average.
+      unbiased: store the unbiased batch variance.
+
+    Returns:
+      The updated `RunningStats`.
+
+    >>> import jax.numpy as jnp, jaxbn
+    >>> m = jaxbn.Moments(jnp.array([2.0]), jnp.array([4.0]), jnp.array([5.0]))
+    >>> new = jaxbn.update_stats(jaxbn.init_stats(1), m, momentum=0.5)
+    >>> new.mean.tolist(), new.var.tolist(), int(new.count)
+    ([1.0], [2.5], 1)
+    """
+    check_momentum(momentum)
+    if stats.mean.shape != moments.mean.shape or stats.var.shape != moments.var.shape:
+        raise ValueError(
+            f"stats has feature shape {stats.mean.shape} but moments has {moments.mean.shape}; "
+            "build stats with jaxbn.init_stats(feature_shape) for the same features"
+        )
+    n = jnp.asarray(moments.count)
+    batch_var = moments.var
+    if unbiased:
+        batch_var = jnp.where(n > 1, batch_var * n / jnp.maximum(n - 1, 1), batch_var)
+    if momentum is None:
+        weight = 1.0 / (stats.count.astype(jnp.float32) + 1.0)
+        new_mean = stats.mean + (moments.mean - stats.mean) * weight
+        new_var = stats.var + (batch_var - stats.var) * weight
+    else:
+        new_mean = momentum * stats.mean + (1.0 - momentum) * moments.mean
+        new_var = momentum * stats.var + (1.0 - momentum) * batch_var
+    valid = n > 0
+    mean_dtype = jnp.result_type(stats.mean, moments.mean)
+    return RunningStats(
+        mean=jnp.where(valid, new_mean, stats.mean).astype(mean_dtype),
+        var=jnp.where(valid, new_var, stats.var).astype(stats.var.dtype),
+        count=stats.count + 1,
+    )

@@ -1,0 +1,222 @@
+"""Batch moments: the one place where jaxbn's statistics are computed.
+
+Local moments use one fused pass over `x` with a per-feature shift `K` taken
+from a small pilot slice of the batch (the first <= 8 entries along every
+reduced axis)::
+
+    S1 = sum(w * (x - K)),  S2 = sum(w * |x - K|^2),  n = sum(w)
+    mean = K + S1 / n,      M2 = S2 - |S1|^2 / n
+
+Because `K` lies inside the data, `x - K` is small and the sums do not
+cancel (E[x^2] - E[x]^2 does: float32 1e4 + N(0, 1) loses every digit).
+
+Across devices the per-device triples `(n_i, mean_i, M2_i)` are combined with
+Chan et al.'s parallel formula, weighting each device by its own count::
+
+    N = sum n_i,  mean = sum n_i mean_i / N,
+    M2 = sum M2_i + sum n_i |mean_i - mean|^2
+
+With `strategy="gather"` that is ONE all-gather of the triples (payload
+O(devices x features)); with `strategy="psum"` it is TWO all-reduces of
+O(features) (first `N` and `sum n_i mean_i`, then the M2 terms). `"auto"`
+gathers up to `GATHER_MAX_DEVICES` participants and switches to psum above.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn._checks import (
+    Axes,
+    AxisName,
+    axis_size,
+    canonical_axes,
+    check_input,
+    check_mask,
+    feature_shape,
+    reduction_axes,
+)
+from jaxbn._running import Moments
+
+#: Largest number of participants for which `strategy="auto"` all-gathers the
+#: per-device moments (one collective) instead of two all-reduces.
+GATHER_MAX_DEVICES = 16
+_PILOT = 8
+
+Strategy = Literal["auto", "gather", "psum"]
+
+
+def stats_dtype(dtype: Any) -> Any:
+    """The dtype statistics are computed in: at least float32, complex kept."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _abs_sq(z: jax.Array) -> jax.Array:
+    if jnp.iscomplexobj(z):
+        return lax.square(z.real) + lax.square(z.imag)
+    return lax.square(z)
+
+
+def _count(mask: jax.Array | None, shape: Sequence[int], red: Sequence[int]) -> jax.Array:
+    """Per-feature count of valid entries, shape keepdims over `red`, float32."""
+    if mask is None:
+        n = float(math.prod(shape[a] for a in red))
+        return jnp.full((1,) * len(shape), n, jnp.float32)
+    summed = tuple(a for a in red if mask.shape[a] != 1)
+    implicit = math.prod(shape[a] for a in red if mask.shape[a] == 1)
+    return jnp.sum(mask, axis=summed, keepdims=True, dtype=jnp.float32) * implicit
+
+
+def local_moments(
+    x: jax.Array, red: tuple[int, ...], mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(n, mean, M2) of `x` over the axes `red` on this device, keepdims.
+
+    `n` and `M2` are float32 (or wider), `mean` has the statistics dtype;
+    features with n == 0 get mean 0 and M2 0.
+    """
+    dt = stats_dtype(x.dtype)
+    xs = x.astype(dt)
+    # Pilot shift: masked mean of the first few entries along every reduced axis.
+    pilot_idx = tuple(slice(0, min(_PILOT, x.shape[a])) if a in red else slice(None) for a in range(x.ndim))
+    pilot = lax.stop_gradient(xs[pilot_idx])
+    if mask is None:
+        shift = jnp.mean(pilot, axis=red, keepdims=True)
+    else:
+        pm = jnp.broadcast_to(mask, x.shape)[pilot_idx]
+        pn = jnp.sum(pm, axis=red, keepdims=True, dtype=jnp.float32)
+        shift = jnp.sum(jnp.where(pm, pilot, 0), axis=red, keepdims=True) / jnp.maximum(pn, 1)
+    d = xs - shift
+    if mask is not None:
+        d = jnp.where(mask, d, jnp.zeros((), dt))
+    n = _count(mask, x.shape, red)
+    s1 = jnp.sum(d, axis=red, keepdims=True)
+    s2 = jnp.sum(_abs_sq(d), axis=red, keepdims=True)
+    safe_n = jnp.maximum(n, 1.0).astype(s2.dtype)
+    delta = s1 / safe_n
+    mean = jnp.where(n > 0, shift + delta, jnp.zeros((), dt))
+    m2 = jnp.maximum(s2 - _abs_sq(s1) / safe_n, 0.0)
+    return jnp.broadcast_to(n.astype(s2.dtype), m2.shape), mean, m2
+
+
+def _combine_gathered(n: jax.Array, mean: jax.Array, m2: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Chan's formula over a leading device axis."""
+    total = jnp.sum(n, axis=0)
+    safe = jnp.maximum(total, 1.0)
+    gmean = jnp.sum(n * mean, axis=0) / safe
+    gm2 = jnp.sum(m2, axis=0) + jnp.sum(n * _abs_sq(mean - gmean[None]), axis=0)
+    return total, gmean, gm2
+
+
+def _pack(mean: jax.Array) -> list[jax.Array]:
+    return [mean.real, mean.imag] if jnp.iscomplexobj(mean) else [mean]
+
+
+def _unpack(parts: Sequence[jax.Array], complex_: bool) -> jax.Array:
+    return lax.complex(parts[0], parts[1]) if complex_ else parts[0]
+
+
+def global_moments(
+    n: jax.Array,
+    mean: jax.Array,
+    m2: jax.Array,
+    axis_name: AxisName,
+    axis_index_groups: Any,
+    strategy: Strategy,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Combines per-device (n, mean, M2) over `axis_name` (see module docstring)."""
+    size = axis_size(axis_name, axis_index_groups)
+    if strategy not in ("auto", "gather", "psum"):
+        raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")
+    if strategy == "auto":
+        strategy = "gather" if size <= GATHER_MAX_DEVICES else "psum"
+    cplx = jnp.iscomplexobj(mean)
+    if strategy == "gather":
+        packed = jnp.stack([n, *_pack(mean), m2])
+        g = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
+        if isinstance(axis_name, tuple) and g.ndim > packed.ndim + 1:
+            g = g.reshape((-1, *packed.shape))
+        k = 2 if cplx else 1
+        return _combine_gathered(g[:, 0], _unpack([g[:, 1 + i] for i in range(k)], cplx), g[:, 1 + k])
+    first = lax.psum(jnp.stack([n, *_pack(n * mean)]), axis_name, axis_index_groups=axis_index_groups)
+    total = first[0]
+    gmean = _unpack(list(first[1:]), cplx) / jnp.maximum(total, 1.0)
+    gm2 = lax.psum(m2 + n * _abs_sq(mean - gmean), axis_name, axis_index_groups=axis_index_groups)
+    return total, gmean, gm2
+
+
+def moments_keepdims(
+    x: jax.Array,
+    red: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+    strategy: Strategy = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(count, mean, biased var) with reduced axes kept as size 1. Inputs pre-validated."""
+    n, mean, m2 = local_moments(x, red, mask)
+    if axis_name is not None:
+        n, mean, m2 = global_moments(n, mean, m2, axis_name, axis_index_groups, strategy)
+    var = m2 / jnp.maximum(n, 1.0)
+    return n, mean, var
+
+
+def moments(
+    x: jax.typing.ArrayLike,
+    *,
+    axis: Axes = -1,
+    mask: jax.typing.ArrayLike | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+    strategy: Strategy = "auto",
+) -> Moments:
+    """Per-feature mean, biased variance and count of a batch.
+
+    Numerically stable (shifted sums, Chan's parallel combination across
+    devices) and computed in at least float32. With `axis_name`, the moments
+    are those of the whole batch across that axis, each device weighted by
+    its own count of valid entries.
+
+    Args:
+      x: input of any float or complex dtype, shape (..., features, ...).
+      axis: the feature axis or a tuple of feature axes; every other axis is
+        reduced.
+      mask: optional bool array broadcastable to `x`; False entries are left
+        out of the statistics.
+      axis_name: a name or tuple of names bound by `jax.pmap`,
+        `jax.shard_map` or `jax.vmap(..., axis_name=...)` to reduce across.
+      axis_index_groups: `jax.lax.psum`'s groups (under `pmap` only).
+      strategy: cross-device combination: "gather" (one all-gather),
+        "psum" (two all-reduces) or "auto" (gather up to
+        `GATHER_MAX_DEVICES` participants).
+
+    Returns:
+      `Moments(mean, var, count)`, each of the feature shape.
+
+    Raises:
+      TypeError: for a non-float `x` or mask.
+      ValueError: for a bad `axis` or a mask that does not broadcast to `x`.
+      NameError: for an `axis_name` that no transformation binds.
+
+    >>> import jax.numpy as jnp, jaxbn
+    >>> m = jaxbn.moments(jnp.array([[1.0, 10.0], [3.0, 30.0]]))
+    >>> m.mean.tolist(), m.var.tolist(), m.count.tolist()
+    ([2.0, 20.0], [1.0, 100.0], [2.0, 2.0])
+    """
+    x = check_input(x)
+    feat = canonical_axes(x.ndim, axis)
+    red = reduction_axes(x.ndim, feat)
+    m = check_mask(mask, x.shape)
+    fshape = feature_shape(x.shape, feat)
+    n, mean, var = moments_keepdims(x, red, m, axis_name, axis_index_groups, strategy)
+    return Moments(
+        mean=mean.reshape(fshape),
+        var=var.reshape(fshape),
+        count=n.reshape(fshape),
+    )

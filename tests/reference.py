@@ -1,0 +1,80 @@
+"""Independent float64 numpy references for batch normalization.
+
+Nothing here imports jaxbn: these are the textbook formulas the library is
+checked against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_axes(ndim, axis):
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    feat = tuple(sorted(a % ndim for a in axes))
+    red = tuple(a for a in range(ndim) if a not in feat)
+    return feat, red
+
+
+def moments(x, axis=-1, mask=None):
+    """(mean, biased var, count) over every axis but `axis`, float64, two-pass."""
+    x = np.asarray(x)
+    x = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+    feat, red = as_axes(x.ndim, axis)
+    w = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape).astype(np.float64)
+    n = w.sum(axis=red)
+    mean = (w * x).sum(axis=red) / np.maximum(n, 1)
+    d = x - np.expand_dims(mean, red)
+    var = (w * np.abs(d) ** 2).sum(axis=red) / np.maximum(n, 1)
+    return mean, var, n
+
+
+def expand(v, ndim, axis):
+    _, red = as_axes(ndim, axis)
+    return np.expand_dims(np.asarray(v, np.float64) if not np.iscomplexobj(v) else np.asarray(v), red)
+
+
+def normalize(x, mean, var, scale=None, bias=None, axis=-1, eps=1e-5):
+    x = np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
+    nd = x.ndim
+    y = (x - expand(mean, nd, axis)) / np.sqrt(expand(var, nd, axis) + eps)
+    if scale is not None:
+        y = y * expand(scale, nd, axis)
+    if bias is not None:
+        y = y + expand(bias, nd, axis)
+    return y
+
+
+def update(old_mean, old_var, count, mean, var, n, momentum=0.99, unbiased=False):
+    """Running-stat update; features with n == 0 keep their values."""
+    old_mean, old_var = np.asarray(old_mean, np.float64), np.asarray(old_var, np.float64)
+    bvar = np.where(n > 1, var * n / np.maximum(n - 1, 1), var) if unbiased else var
+    if momentum is None:
+        new_mean = old_mean + (mean - old_mean) / (count + 1)
+        new_var = old_var + (bvar - old_var) / (count + 1)
+    else:
+        new_mean = momentum * old_mean + (1 - momentum) * mean
+        new_var = momentum * old_var + (1 - momentum) * bvar
+    return np.where(n > 0, new_mean, old_mean), np.where(n > 0, new_var, old_var), count + 1
+
+
+def bn_train_grads(x, dy, scale, axis=-1, mask=None, eps=1e-5):
+    """Closed-form gradients of y = scale * (x - mu) / sqrt(var + eps) + bias.
+
+    mu, var are the (masked) batch statistics; every entry is normalized.
+    Returns (dx, dscale, dbias), float64.
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    nd = x.ndim
+    _, red = as_axes(nd, axis)
+    mean, var, n = moments(x, axis, mask)
+    w = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape).astype(np.float64)
+    r = 1 / np.sqrt(expand(var, nd, axis) + eps)
+    xhat = (x - expand(mean, nd, axis)) * r
+    g = np.ones_like(r) if scale is None else expand(scale, nd, axis)
+    s_dy = dy.sum(axis=red, keepdims=True)
+    s_dyx = (dy * xhat).sum(axis=red, keepdims=True)
+    nn = np.maximum(expand(n, nd, axis), 1)
+    dx = g * r * (dy - w * (s_dy + xhat * s_dyx) / nn)
+    return dx, (dy * xhat).sum(axis=red), dy.sum(axis=red)

@@ -1,0 +1,97 @@
+"""Every documented bad input raises a clear error at trace time."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+
+X = jnp.ones((8, 4))
+S = jaxbn.init_stats(4)
+
+
+def _bn(**kw):
+    args = dict(training=True)
+    args.update(kw)
+    x = args.pop("x", X)
+    stats = args.pop("stats", S)
+    return jaxbn.batch_norm(x, stats, **args)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda: _bn(stats=jaxbn.init_stats(5)),
+            r"stats\.mean has shape \(5,\).*feature shape \(4,\).*init_stats\(4\)",
+        ),
+        (lambda: _bn(scale=jnp.ones(3)), r"scale has shape \(3,\) but x of shape \(8, 4\)"),
+        (lambda: _bn(bias=jnp.ones((2, 2))), r"bias has shape \(2, 2\)"),
+        (lambda: _bn(axis=2), r"axis=2 is out of range for an input with 2 dimensions"),
+        (lambda: _bn(axis=(0, 0)), r"names the same axis twice"),
+        (lambda: _bn(mask=jnp.ones((3, 4), bool)), r"mask of shape \(3, 4\) does not broadcast to x of shape \(8, 4\)"),
+        (lambda: _bn(momentum=1.5), r"momentum=1.5 is outside \[0, 1\]"),
+        (lambda: _bn(momentum=-0.1), r"momentum=-0.1 is outside \[0, 1\]"),
+        (lambda: _bn(epsilon=0.0), r"epsilon must be > 0"),
+        (lambda: _bn(x=jnp.ones((1, 4)), stats=S), r"more than one value per feature.*shape \(1, 4\)"),
+        (lambda: jaxbn.batch_renorm(X, S, training=True, r_max=0.5), r"r_max must be >= 1"),
+        (lambda: jaxbn.batch_renorm(X, S, training=True, d_max=-1.0), r"d_max must be >= 0"),
+        (lambda: jaxbn.moments(X, axis=-3), r"axis=-3 is out of range"),
+        (lambda: jaxbn.moments(X, mask=jnp.ones((2,), bool)), r"mask of shape \(2,\) does not broadcast"),
+        (lambda: jaxbn.normalize(X, jnp.zeros(4), jnp.ones(4), epsilon=-1.0), r"epsilon must be > 0"),
+        (lambda: jaxbn.normalize(X, jnp.zeros(3), jnp.ones(4)), r"mean has shape \(3,\)"),
+        (
+            lambda: jaxbn.update_stats(S, jaxbn.moments(jnp.ones((3, 2)))),
+            r"stats has feature shape \(4,\) but moments has \(2,\)",
+        ),
+        (lambda: jaxbn.update_stats(S, jaxbn.moments(X), momentum=2.0), r"momentum=2.0 is outside"),
+        (lambda: jaxbn.init_stats(-1), r"feature_shape must be non-negative"),
+    ],
+)
+def test_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: _bn(x=jnp.ones((8, 4), jnp.int32)), r"x must be a floating-point or complex array, got dtype int32"),
+        (lambda: jaxbn.moments(jnp.ones((8, 4), bool)), r"got dtype bool"),
+        (lambda: _bn(mask=jnp.ones((8, 1), jnp.float32)), r"mask must be a boolean"),
+        (lambda: _bn(axis=1.0), r"axis must be an int or a tuple of ints"),
+        (lambda: _bn(stats={"mean": 0}), r"stats must be a jaxbn.RunningStats"),
+        (lambda: jaxbn.batch_renorm(X.astype(jnp.complex64), S, training=True), r"batch_renorm takes real inputs"),
+    ],
+)
+def test_type_errors(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+def test_errors_raise_at_trace_time():
+    """The checks fire while tracing under jit, before anything runs."""
+    with pytest.raises(ValueError, match="stats.mean has shape"):
+        jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_stats(3), training=True)).lower(X)
+
+
+def test_unbound_axis_name_says_how_to_bind_it():
+    with pytest.raises(NameError, match=r"axis_name='batch'.*jax\.pmap.*jax\.vmap.*jax\.shard_map"):
+        _bn(axis_name="batch")
+    with pytest.raises(NameError, match=r"not bound"):
+        jaxbn.moments(X, axis_name="devices")
+
+
+def test_one_value_per_feature_is_fine_with_axis_name():
+    x = np.random.default_rng(0).normal(size=(4, 1, 3)).astype(np.float32)
+    y, _ = jax.vmap(lambda xb: jaxbn.batch_norm(xb, jaxbn.init_stats(3), training=True, axis_name="b"), axis_name="b")(
+        x
+    )
+    xn = x[:, 0]
+    np.testing.assert_allclose(y[:, 0], (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_mask_integer_is_accepted():
+    y, _ = _bn(mask=jnp.ones((8, 1), jnp.int32))
+    assert y.shape == X.shape

@@ -1,0 +1,148 @@
+"""jaxbn.moments against float64 numpy, on one device."""
+
+import functools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxbn
+from tests import reference as ref
+
+
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((32, 8), -1), ((4, 5, 6, 3), -1), ((4, 3, 5, 6), 1), ((2, 3, 4, 5, 6), -1), ((6, 4, 5), (1, 2)), ((7, 3), 0)],
+)
+def test_moments_match_numpy(maybe_jit, shape, axis):
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32) * 3 + 2
+    m = maybe_jit(functools.partial(jaxbn.moments, axis=axis))(x)
+    mean, var, n = ref.moments(x, axis)
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m.var, var, rtol=1e-5)
+    np.testing.assert_array_equal(m.count, n)
+    assert m.mean.dtype == m.var.dtype == m.count.dtype == jnp.float32
+
+
+def test_moments_with_mask(maybe_jit):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 5, 4)).astype(np.float32)
+    mask = rng.random((6, 5, 1)) > 0.4
+    m = maybe_jit(functools.partial(jaxbn.moments, mask=mask))(x)
+    mean, var, n = ref.moments(x, -1, mask)
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.var, var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(m.count, n)
+
+
+def test_mask_varying_over_features():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(10, 3)).astype(np.float32)
+    mask = rng.random((10, 3)) > 0.5
+    mask[:, 1] = False  # one feature fully masked
+    m = jaxbn.moments(x, mask=mask)
+    mean, var, n = ref.moments(x, -1, mask)
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.var, var, rtol=1e-5, atol=1e-6)
+    assert m.count[1] == 0 and m.mean[1] == 0 and m.var[1] == 0
+
+
+def test_masked_entries_may_hold_nan():
+    x = np.ones((4, 2), np.float32)
+    x[:, 0] = [1.0, 2.0, 3.0, 4.0]
+    x[3] = np.nan
+    mask = np.array([True, True, True, False])[:, None]
+    m = jaxbn.moments(x, mask=mask)
+    np.testing.assert_allclose(m.mean, [2.0, 1.0])
+    np.testing.assert_allclose(m.var, [2 / 3, 0.0], rtol=1e-6)
+
+
+def test_large_offset_is_stable():
+    """float32 1e4 + N(0, 1): var within 1e-3 relative (E[x^2] - E[x]^2 is not)."""
+    rng = np.random.default_rng(3)
+    x64 = 1e4 + rng.normal(size=(4096, 16))
+    x = x64.astype(np.float32)
+    true_var = ref.moments(x, -1)[1]  # the float32 data's own variance, in float64
+    m = jax.jit(jaxbn.moments)(x)
+    np.testing.assert_allclose(m.var, true_var, rtol=1e-3)
+    naive = jnp.mean(jnp.asarray(x) ** 2, 0) - jnp.mean(jnp.asarray(x), 0) ** 2
+    assert np.max(np.abs(np.asarray(naive) / true_var - 1)) > 1e-3  # the naive formula fails here
+
+
+def test_constant_channel_normalizes_to_zero():
+    x = jnp.full((64, 3), 1e7, jnp.float32).at[:, 1].set(jnp.arange(64.0))
+    y, stats = jaxbn.batch_norm(x, jaxbn.init_stats(3), training=True)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(stats.var))
+    np.testing.assert_allclose(y[:, 0], 0.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_inputs_reduce_in_float32(dtype):
+    x = np.random.default_rng(4).normal(size=(256, 4)).astype(np.float32) * 2 + 3
+    xh = jnp.asarray(x, dtype)
+    m = jaxbn.moments(xh)
+    mean, var, _ = ref.moments(np.asarray(xh.astype(jnp.float32)), -1)
+    assert m.mean.dtype == jnp.float32 and m.var.dtype == jnp.float32
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(m.var, var, rtol=1e-5)
+
+
+def test_complex_moments():
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(20, 3)) + 1j * rng.normal(size=(20, 3))).astype(np.complex64)
+    m = jaxbn.moments(x)
+    mean, var, _ = ref.moments(x, -1)
+    assert jnp.iscomplexobj(m.mean) and not jnp.iscomplexobj(m.var)
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.var, var, rtol=1e-5)
+
+
+def test_all_masked_is_finite():
+    x = np.random.default_rng(6).normal(size=(5, 2)).astype(np.float32)
+    m = jaxbn.moments(x, mask=np.zeros((5, 1), bool))
+    for v in m:
+        assert np.all(np.isfinite(v))
+    np.testing.assert_array_equal(m.count, 0.0)
+
+
+def test_moments_gradient_matches_numpy():
+    """d/dx sum(a * mean + b * var) = a / n + b * 2 (x - mean) / n."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(9, 3)).astype(np.float32)
+    a, b = np.array([1.0, -2.0, 0.5]), np.array([0.3, 1.0, -1.5])
+
+    def f(x):
+        m = jaxbn.moments(x)
+        return jnp.sum(a * m.mean + b * m.var)
+
+    mean, _, n = ref.moments(x, -1)
+    expected = a / n + b * 2 * (x - mean) / n
+    np.testing.assert_allclose(jax.grad(f)(x), expected, rtol=1e-4, atol=1e-6)
+
+
+@st.composite
+def _case(draw):
+    ndim = draw(st.integers(1, 4))
+    shape = draw(hnp.array_shapes(min_dims=ndim, max_dims=ndim, min_side=1, max_side=5))
+    feat = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+    axis = tuple(a - ndim if draw(st.booleans()) else a for a in feat)
+    x = draw(hnp.arrays(np.float32, shape, elements=st.floats(-100, 100, width=32)))
+    mshape = tuple(s if draw(st.booleans()) else 1 for s in shape)[draw(st.integers(0, ndim)) :]
+    mask = draw(st.none() | hnp.arrays(np.bool_, mshape))
+    return x, axis if len(axis) > 1 else axis[0], mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(_case())
+def test_moments_property(case):
+    x, axis, mask = case
+    m = jaxbn.moments(x, axis=axis, mask=mask)
+    mean, var, n = ref.moments(x, axis, mask)
+    np.testing.assert_array_equal(m.count, n)
+    scale = max(1.0, float(np.abs(x).max()))
+    np.testing.assert_allclose(m.mean, mean, atol=1e-5 * scale)
+    np.testing.assert_allclose(m.var, var, atol=1e-5 * scale**2, rtol=1e-4)
