@@ -17,12 +17,26 @@ from jaxbn._stats import moments as moments
 
 __version__ = "0.1.0"
 
+_SUBMODULES = ("linen", "nnx", "interop", "benchmark")
+
+
+def __getattr__(name: str):  # lazy: `import jaxbn` stays light, `jaxbn.linen` still works
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxbn.{name}")
+    if name == "fold":
+        return importlib.import_module("jaxbn._fold").fold
+    raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
+
+
 __all__ = [
     "GATHER_MAX_DEVICES",
     "Moments",
     "RunningStats",
     "batch_norm",
     "batch_renorm",
+    "fold",
     "init_stats",
     "moments",
     "normalize",
