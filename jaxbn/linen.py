@@ -1,0 +1,242 @@
+"""Flax Linen batch norm: a drop-in `BatchNorm` and `recompute_batch_stats`.
+
+`jaxbn.linen.BatchNorm` has flax.linen.BatchNorm's fields (same order and
+defaults), call signature and variable tree, so variables made by either
+load into the other; it adds Batch Renormalization, ghost batches, the
+unbiased running variance and `momentum=None` (cumulative average).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import FrozenDict
+from jax.nn import initializers
+
+from jaxbn import _module_core as core
+from jaxbn._running import RunningStats
+
+__all__ = ["BatchNorm", "recompute_batch_stats"]
+
+Initializer = Callable[..., Any]
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization, a drop-in replacement for `flax.linen.BatchNorm`.
+
+    The fields up to `force_float32_reductions` are flax's, in flax's order
+    and with flax's defaults; `use_fast_variance` and
+    `force_float32_reductions` are accepted for compatibility and otherwise
+    ignored (the statistics are always stable and kept in at least float32).
+    Outputs, running stats and gradients match flax's
+    `use_fast_variance=False` to float32 rounding. Like flax, `init` does not
+    update the running stats and does not use `axis_name`, and one value per
+    feature in training does not raise.
+
+    Running stats (collection `batch_stats`): `mean`, `var`, and `count`
+    (int32, only when `momentum=None`). Parameters (`params`): `scale`, `bias`.
+
+    Attributes:
+      use_running_average: if True, normalize with the stored statistics
+        instead of the batch's (may be given at call time instead).
+      axis: the feature axis or axes (NCHW: `axis=1`).
+      momentum: EMA decay, `new = momentum * old + (1 - momentum) * batch`
+        (PyTorch's momentum is `1 - momentum`), or None for the cumulative
+        average of every batch so far.
+      epsilon: added to the variance.
+      dtype: output dtype (default: promotion of input and parameter dtypes).
+      param_dtype: dtype of `scale` and `bias`.
+      use_bias: learn a bias.
+      use_scale: learn a scale.
+      bias_init: initializer of `bias`.
+      scale_init: initializer of `scale`.
+      axis_name: axis name(s) to synchronize the statistics across.
+      axis_index_groups: `jax.lax.psum`'s groups (pmap only).
+      use_fast_variance: accepted for compatibility, ignored.
+      force_float32_reductions: accepted for compatibility, ignored.
+      renorm: Batch Renormalization (Ioffe 2017) in training.
+      renorm_r_max: the clip of the renorm scale correction r, >= 1.
+      renorm_d_max: the clip of the renorm shift correction d, >= 0.
+      virtual_batch_size: ghost batch norm: in training the leading batch axis
+        is split into groups of this size, each normalized with its own
+        moments; the running stats take the mean of the groups' moments.
+      unbiased: store the unbiased batch variance (var * n / (n - 1)).
+
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9)
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> variables = bn.init(jax.random.key(0), x)
+    >>> y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+    >>> y.round(2).tolist(), updates['batch_stats']['mean'].round(2).tolist()
+    ([[-1.0, -1.0], [1.0, 1.0]], [0.2, 0.4])
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    renorm: bool = False
+    renorm_r_max: float = 3.0
+    renorm_d_max: float = 5.0
+    virtual_batch_size: int | None = None
+    unbiased: bool = False
+
+    @nn.compact
+    def __call__(self, x: Any, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+        """Normalizes `x` with the batch's or the stored statistics.
+
+        During `init` the running stats are not updated and `axis_name` is
+        not used, as in flax.
+
+        Args:
+          x: the input, shape (..., features, ...).
+          use_running_average: overrides the field of the same name.
+          mask: optional bool array broadcastable to `x`; False entries are
+            left out of the statistics (they are still normalized).
+
+        Returns:
+          The normalized input, shape of `x`.
+        """
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        core.check_options(momentum=self.momentum, virtual_batch_size=self.virtual_batch_size)
+        x = core.as_float(x)
+        fshape = core.module_feature_shape(x, self.axis)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
+        ra_count = None
+        if self.momentum is None:
+            ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+        scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, fshape, self.param_dtype) if self.use_bias else None
+
+        initializing = self.is_initializing()
+        recomputing = core.recompute_sink() is not None and not initializing
+        training = recomputing or not use_running_average
+        count = ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32)
+        stats = RunningStats(ra_mean.value, ra_var.value, count)
+        y, new = core.forward(
+            x, stats, scale, bias, training=training, initializing=initializing, axis=self.axis,
+            momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype, renorm=self.renorm,
+            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
+            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
+        )
+        if recomputing:
+            if self.is_mutable_collection(core.PRECISE_COLLECTION):
+                n, mean, m2 = core.precise_moments(
+                    x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
+                )
+                self.sow(core.PRECISE_COLLECTION, "moments", (n, mean, m2, jnp.asarray(self.unbiased)))
+        elif training and not initializing:
+            ra_mean.value = new.mean
+            ra_var.value = new.var
+            if ra_count is not None:
+                ra_count.value = new.count
+        return y
+
+
+def _walk(tree: Mapping, path: tuple = ()) -> Iterable[tuple[tuple, tuple]]:
+    """(path, sown tuple) of every layer in a PRECISE_COLLECTION tree."""
+    for key, value in tree.items():
+        if key == "moments" and isinstance(value, tuple):
+            yield path, value
+        elif isinstance(value, Mapping):
+            yield from _walk(value, path + (key,))
+
+
+def _unfreeze(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _unfreeze(v) for k, v in tree.items()}
+    return tree
+
+
+def recompute_batch_stats(model: nn.Module, variables: Mapping, batches: Iterable[Any], **apply_kwargs: Any) -> Any:
+    """Replaces every BatchNorm layer's running stats by its input's population statistics.
+
+    "Precise BN" (fvcore's estimator): the model is run over `batches` with
+    every `jaxbn.linen.BatchNorm` normalizing with its batch moments, as in
+    training, and each layer's stored `mean` and `var` become the
+    count-weighted mean of its input over every entry of every batch and the
+    biased variance about it (so the spread of the batch means counts too).
+    A layer with `unbiased=True` stores that variance times N / (N - 1), N its
+    total count; a stored `count` becomes the number of batches.
+    `torch.optim.swa_utils.update_bn` instead averages per-batch variances.
+
+    While this runs the layers never update their running stats (a renorm
+    layer corrects with the stats in `variables`), and they normalize with
+    batch moments whatever `use_running_average` says. Layers inside lifted
+    transforms (`nn.scan`, `nn.vmap`) need the collection
+    `"jaxbn_precise_bn"` in their `variable_axes` (`{True: 0}` covers it).
+
+    Args:
+      model: a Linen model containing `jaxbn.linen.BatchNorm` layers.
+      variables: its variables (`params`, `batch_stats`, ...); not modified.
+      batches: an iterable of model inputs; a tuple is spread as positional
+        arguments of `model.apply`.
+      **apply_kwargs: passed to every `model.apply` call (e.g. `train=True`,
+        `rngs=...`).
+
+    Returns:
+      A copy of `variables` with new `batch_stats` (same tree and dtypes).
+
+    Raises:
+      ValueError: if `batches` is empty or no jaxbn BatchNorm layer ran.
+
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> bn = jaxbn.linen.BatchNorm(use_running_average=True)
+    >>> v = bn.init(jax.random.key(0), jnp.zeros((2, 1)))
+    >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]
+    >>> v = jaxbn.linen.recompute_batch_stats(bn, v, batches)
+    >>> v['batch_stats']['mean'].tolist(), v['batch_stats']['var'].tolist()
+    ([3.0], [5.0])
+    """
+    mutable = ["batch_stats", core.PRECISE_COLLECTION]
+
+    def run(v: Any, args: tuple) -> Any:
+        _, state = model.apply(v, *args, mutable=mutable, **apply_kwargs)
+        return state.get(core.PRECISE_COLLECTION, {})
+
+    run_jit = jax.jit(run)
+    parts: dict[tuple, list] = {}
+    n_batches = 0
+    with core.recomputing({}):
+        for batch in batches:
+            args = batch if isinstance(batch, tuple) else (batch,)
+            sown = jax.device_get(run_jit(variables, args))
+            for path, values in _walk(sown):
+                parts.setdefault(path, []).extend(values)
+            n_batches += 1
+    if n_batches == 0:
+        raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")
+    if not parts:
+        raise ValueError(
+            f"no jaxbn.linen.BatchNorm layer ran in {type(model).__name__}: recompute_batch_stats only "
+            "recomputes jaxbn's layers (flax.linen.BatchNorm layers do not report their moments)"
+        )
+    new_stats = _unfreeze(variables.get("batch_stats", {}))
+    for path, values in parts.items():
+        node = new_stats
+        for key in path:
+            node = node[key]
+        unbiased = bool(np.any([np.asarray(v[3]) for v in values]))
+        mean, var = core.population_stats(values, node["mean"], node["var"], unbiased=unbiased)
+        node["mean"], node["var"] = jnp.asarray(mean), jnp.asarray(var)
+        if "count" in node:
+            node["count"] = jnp.full(np.shape(node["count"]), n_batches, jnp.int32)
+    out = {**variables, "batch_stats": new_stats}
+    return FrozenDict(out) if isinstance(variables, FrozenDict) else out
