@@ -222,16 +222,16 @@ def combine_moments(parts: Iterable[Sequence[Any]]) -> tuple[np.ndarray, np.ndar
       (N, mean, M2) of the union: N = sum n_i, mean = sum n_i mean_i / N,
       M2 = sum M2_i + sum n_i |mean_i - mean|^2.
     """
-    parts = [tuple(np.asarray(p) for p in part[:3]) for part in parts]
-    if not parts:
+    arrays = [tuple(np.asarray(p) for p in part[:3]) for part in parts]
+    if not arrays:
         raise ValueError("no batch moments to combine")
-    cplx = any(np.iscomplexobj(p[1]) for p in parts)
+    cplx = any(np.iscomplexobj(p[1]) for p in arrays)
     ft = np.complex128 if cplx else np.float64
-    ns = [p[0].astype(np.float64) for p in parts]
-    total = sum(ns)
-    safe = np.maximum(total, 1.0)
-    mean = sum(n * p[1].astype(ft) for n, p in zip(ns, parts, strict=True)) / safe
-    m2 = sum(p[2].astype(np.float64) + n * np.abs(p[1].astype(ft) - mean) ** 2 for n, p in zip(ns, parts, strict=True))
+    ns = [p[0].astype(np.float64) for p in arrays]
+    total = np.sum(ns, axis=0)
+    mean = np.sum([n * p[1].astype(ft) for n, p in zip(ns, arrays, strict=True)], axis=0) / np.maximum(total, 1.0)
+    m2 = np.sum([p[2].astype(np.float64) + n * np.abs(p[1].astype(ft) - mean) ** 2
+                 for n, p in zip(ns, arrays, strict=True)], axis=0)
     return total, mean, m2
 
 

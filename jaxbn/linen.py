@@ -218,8 +218,8 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, batches: Iterabl
         for batch in batches:
             args = batch if isinstance(batch, tuple) else (batch,)
             sown = jax.device_get(run_jit(variables, args))
-            for path, values in _walk(sown):
-                parts.setdefault(path, []).extend(values)
+            for path, sown_values in _walk(sown):
+                parts.setdefault(path, []).extend(sown_values)
             n_batches += 1
     if n_batches == 0:
         raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")

@@ -1,0 +1,284 @@
+"""Flax NNX batch norm: a drop-in `BatchNorm` and `recompute_batch_stats`.
+
+`jaxbn.nnx.BatchNorm` takes flax.nnx.BatchNorm's constructor arguments
+(same defaults), has its attributes (`mean`, `var`, `scale`, `bias`), follows
+`model.train()` / `model.eval()` and `nnx.view(model, use_running_average=...)`,
+and adds Batch Renormalization, ghost batches, the unbiased running variance
+and `momentum=None` (cumulative average).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+
+from jaxbn import _module_core as core
+from jaxbn._running import RunningStats
+
+__all__ = ["BatchNorm", "recompute_batch_stats"]
+
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
+
+_NO_MODE = (
+    "No `use_running_average` argument was provided to BatchNorm. Consider one of the following options:\n\n"
+    "1. Pass `use_running_average` to the BatchNorm constructor:\n\n"
+    "  self.bn = jaxbn.nnx.BatchNorm(..., use_running_average=True/False)\n\n"
+    "2. Pass `use_running_average` to the BatchNorm __call__:\n\n"
+    "  self.bn(x, use_running_average=True/False)\n\n"
+    "3. Use `nnx.view` to create a view of the model with a specific `use_running_average` value:\n\n"
+    "  model_view = nnx.view(model, use_running_average=True/False)\n"
+)
+
+
+def _assign(var: nnx.Variable, value: jax.Array) -> None:
+    """var[...] = value, replacing the array when the dtype changes (a complex running mean)."""
+    old = var[...]
+    if old.shape == value.shape and old.dtype == value.dtype:
+        var[...] = value
+    else:
+        var.set_value(value)
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization, a drop-in replacement for `flax.nnx.BatchNorm`.
+
+    Every constructor argument of flax.nnx.BatchNorm is accepted with flax's
+    default; `use_fast_variance` is accepted and ignored (the statistics are
+    always stable and kept in at least float32), `promote_dtype`,
+    `bias_metadata` and `scale_metadata` are honoured as flax honours them.
+    Outputs, running stats and gradients match flax's
+    `use_fast_variance=False` to float32 rounding; one value per feature in
+    training does not raise. The initializers are not stored, so the module's
+    graph does not depend on them.
+
+    Args:
+      num_features: the number of input features.
+      use_running_average: if True, normalize with the stored statistics
+        (`model.eval()`); if False with the batch's (`model.train()`).
+      axis: the feature axis (NCHW: `axis=1`).
+      momentum: EMA decay, `new = momentum * old + (1 - momentum) * batch`
+        (PyTorch's momentum is `1 - momentum`), or None for the cumulative
+        average (then an int32 `count` BatchStat is kept too).
+      epsilon: added to the variance.
+      dtype: output dtype (default: promotion of input and parameter dtypes).
+      param_dtype: dtype of `scale` and `bias`.
+      use_bias: learn a bias.
+      use_scale: learn a scale.
+      bias_init: initializer of `bias`.
+      scale_init: initializer of `scale`.
+      axis_name: axis name(s) to synchronize the statistics across.
+      axis_index_groups: `jax.lax.psum`'s groups (pmap only).
+      use_fast_variance: accepted for compatibility, ignored.
+      promote_dtype: called as `promote_dtype((x, mean, var, scale, bias),
+        dtype=dtype)` before normalizing, as in flax.
+      rngs: random keys for the initializers.
+      bias_metadata: metadata of the `bias` Param.
+      scale_metadata: metadata of the `scale` Param.
+      renorm: Batch Renormalization (Ioffe 2017) in training.
+      renorm_r_max: the clip of the renorm scale correction r, >= 1.
+      renorm_d_max: the clip of the renorm shift correction d, >= 0.
+      virtual_batch_size: ghost batch norm: in training the leading batch axis
+        is split into groups of this size, each normalized with its own
+        moments; the running stats take the mean of the groups' moments.
+      unbiased: store the unbiased batch variance (var * n / (n - 1)).
+
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> y = bn(jnp.array([[1.0, 2.0], [3.0, 6.0]]))
+    >>> y.round(2).tolist(), bn.mean[...].round(2).tolist()
+    ([[-1.0, -1.0], [1.0, 1.0]], [0.2, 0.4])
+    >>> bn.eval()
+    >>> bn.use_running_average
+    True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Callable[..., Any] = _ZEROS,
+        scale_init: Callable[..., Any] = _ONES,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Callable[..., Any] = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        renorm: bool = False,
+        renorm_r_max: float = 3.0,
+        renorm_d_max: float = 5.0,
+        virtual_batch_size: int | None = None,
+        unbiased: bool = False,
+    ):
+        core.check_options(momentum=momentum, virtual_batch_size=virtual_batch_size)
+        feature_shape = (num_features,)
+        self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+        if momentum is None:
+            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+        self.scale: nnx.Param[jax.Array] | None
+        if use_scale:
+            self.scale = nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
+        else:
+            self.scale = nnx.data(None)
+        self.bias: nnx.Param[jax.Array] | None
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
+        else:
+            self.bias = nnx.data(None)
+
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.renorm = renorm
+        self.renorm_r_max = renorm_r_max
+        self.renorm_d_max = renorm_d_max
+        self.virtual_batch_size = virtual_batch_size
+        self.unbiased = unbiased
+
+    def __call__(self, x: Any, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+        """Normalizes `x` with the batch's or the stored statistics.
+
+        Args:
+          x: the input, shape (..., features, ...).
+          use_running_average: overrides the attribute of the same name.
+          mask: optional bool array broadcastable to `x`; False entries are
+            left out of the statistics (they are still normalized).
+
+        Returns:
+          The normalized input, shape of `x`.
+        """
+        use_running_average = nnx.module.first_from(use_running_average, self.use_running_average, error_msg=_NO_MODE)
+        x = core.as_float(x)
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        raw_mean, raw_var = self.mean[...], self.var[...]
+        x, mean, var, scale, bias = self.promote_dtype((x, raw_mean, raw_var, scale, bias), dtype=self.dtype)
+        sink = core.recompute_sink()
+        training = sink is not None or not use_running_average
+        count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
+        y, new = core.forward(
+            x, RunningStats(raw_mean, raw_var, count), scale, bias, training=training, initializing=False,
+            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype, renorm=self.renorm,
+            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
+            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased, inference_stats=(mean, var),
+        )
+        if sink is not None:
+            sink.setdefault(id(self), []).append(
+                core.precise_moments(
+                    x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
+                )
+            )
+        elif training:
+            _assign(self.mean, jax.lax.stop_gradient(new.mean))
+            _assign(self.var, jax.lax.stop_gradient(new.var))
+            if self.momentum is None:
+                self.count[...] = new.count
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Class method used by ``nnx.view``.
+
+        Args:
+          use_running_average: if True, the stored batch statistics will be
+            used instead of computing the batch statistics on the input.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+def _layers(model: Any) -> list[BatchNorm]:
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
+
+
+def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> None:
+    """Replaces every BatchNorm layer's running stats by its input's population statistics, in place.
+
+    "Precise BN" (fvcore's estimator), as `jaxbn.linen.recompute_batch_stats`:
+    the model is called on every element of `batches` (a tuple is spread as
+    positional arguments) with every `jaxbn.nnx.BatchNorm` normalizing with its
+    batch moments, whatever its mode; each layer's `mean` and `var` become the
+    count-weighted mean of its input over every entry of every batch and the
+    biased variance about it (times N / (N - 1) for `unbiased=True` layers);
+    a `count` becomes the number of batches. Nothing else in the model
+    changes: parameters, other modules' state and the layers' modes are kept.
+
+    Args:
+      model: an NNX model containing `jaxbn.nnx.BatchNorm` layers.
+      batches: an iterable of model inputs.
+
+    Raises:
+      ValueError: if the model has no jaxbn BatchNorm layer or `batches` is
+        empty, or a layer was never called.
+
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.BatchNorm(1, use_running_average=True, rngs=nnx.Rngs(0))
+    >>> jaxbn.nnx.recompute_batch_stats(bn, [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])])
+    >>> bn.mean[...].tolist(), bn.var[...].tolist()
+    ([3.0], [5.0])
+    """
+    layers = _layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no jaxbn.nnx.BatchNorm layer to recompute")
+    graphdef, state = nnx.split(model)
+
+    def run(state: Any, args: tuple) -> dict[int, list]:
+        copy = nnx.merge(graphdef, state)
+        index = {id(m): i for i, m in enumerate(_layers(copy))}
+        sink: dict[int, list] = {}
+        with core.recomputing(sink):
+            copy(*args)
+        return {index[k]: v for k, v in sink.items()}
+
+    run_jit = jax.jit(run)
+    parts: dict[int, list] = {}
+    n_batches = 0
+    for batch in batches:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        for i, values in jax.device_get(run_jit(state, args)).items():
+            parts.setdefault(i, []).extend(values)
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")
+    missing = [i for i in range(len(layers)) if i not in parts]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} jaxbn.nnx.BatchNorm layer(s) of {type(model).__name__} were never called on the "
+            "batches; recompute_batch_stats needs every layer to see the data"
+        )
+    for i, layer in enumerate(layers):
+        mean, var = core.population_stats(parts[i], layer.mean[...], layer.var[...], unbiased=layer.unbiased)
+        _assign(layer.mean, jnp.asarray(mean))
+        _assign(layer.var, jnp.asarray(var))
+        if layer.momentum is None:
+            layer.count[...] = jnp.asarray(n_batches, jnp.int32)
