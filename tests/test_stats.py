@@ -136,7 +136,7 @@ def _case(draw):
     return x, axis if len(axis) > 1 else axis[0], mask
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(_case())
 def test_moments_property(case):
     x, axis, mask = case
