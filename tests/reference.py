@@ -78,3 +78,35 @@ def bn_train_grads(x, dy, scale, axis=-1, mask=None, eps=1e-5):
     nn = np.maximum(expand(n, nd, axis), 1)
     dx = g * r * (dy - w * (s_dy + xhat * s_dyx) / nn)
     return dx, (dy * xhat).sum(axis=red), dy.sum(axis=red)
+
+
+def renorm_train(x, run_mean, run_var, scale=None, bias=None, axis=-1, r_max=3.0, d_max=5.0, eps=1e-5, mask=None):
+    """Batch Renormalization (Ioffe 2017) in training: (y, batch mean, batch var, count), float64."""
+    x = np.asarray(x, np.float64)
+    nd = x.ndim
+    mean, var, n = moments(x, axis, mask)
+    s_b = np.sqrt(var + eps)
+    s = np.sqrt(np.asarray(run_var, np.float64) + eps)
+    r = np.clip(s_b / s, 1 / r_max, r_max)
+    d = np.clip((mean - np.asarray(run_mean, np.float64)) / s, -d_max, d_max)
+    y = (x - expand(mean, nd, axis)) / expand(s_b, nd, axis) * expand(r, nd, axis) + expand(d, nd, axis)
+    if scale is not None:
+        y = y * expand(scale, nd, axis)
+    if bias is not None:
+        y = y + expand(bias, nd, axis)
+    return y, mean, var, n
+
+
+def ghost_train(x, scale=None, bias=None, axis=-1, virtual_batch_size=1, eps=1e-5):
+    """Ghost batch norm in training: consecutive slices of `virtual_batch_size` entries of axis 0,
+    each normalized with its own moments. Returns (y, per-group means, per-group vars, per-group counts)."""
+    x = np.asarray(x, np.float64)
+    ys, means, variances, counts = [], [], [], []
+    for start in range(0, x.shape[0], virtual_batch_size):
+        xg = x[start:start + virtual_batch_size]
+        mean, var, n = moments(xg, axis)
+        ys.append(normalize(xg, mean, var, scale, bias, axis, eps))
+        means.append(mean)
+        variances.append(var)
+        counts.append(n)
+    return np.concatenate(ys, axis=0), np.stack(means), np.stack(variances), np.stack(counts)
