@@ -268,7 +268,10 @@ def _batch_stats(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     if axis_name is not None:
         axis_size(axis_name, groups)  # clear NameError early
-    n, mean, var = moments_keepdims(x, lay.red, mask, axis_name, groups, strategy)
+    # The fused rule differentiates through the moments itself: no tangent
+    # need enter the moment collective (an invariant all_gather under
+    # shard_map has no eager transpose).
+    n, mean, var = moments_keepdims(lax.stop_gradient(x), lay.red, mask, axis_name, groups, strategy)
     return lax.stop_gradient(n), lax.stop_gradient(mean), lax.stop_gradient(var)
 
 

@@ -122,6 +122,16 @@ def _unpack(parts: Sequence[jax.Array], complex_: bool) -> jax.Array:
     return lax.complex(parts[0], parts[1]) if complex_ else parts[0]
 
 
+def _is_varying(x: jax.Array, axis_name: AxisName) -> bool:
+    """Whether `x` is typed as varying over every name in `axis_name` (shard_map's manual axes)."""
+    aval = jax.typeof(x)
+    varying = getattr(getattr(aval, "mat", None), "varying", None)
+    if varying is None:
+        varying = getattr(aval, "vma", None) or frozenset()
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return all(n in varying for n in names)
+
+
 def global_moments(
     n: jax.Array,
     mean: jax.Array,
@@ -139,7 +149,12 @@ def global_moments(
     cplx = jnp.iscomplexobj(mean)
     if strategy == "gather":
         packed = jnp.stack([n, *_pack(mean), m2])
-        g = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
+        if axis_index_groups is None and _is_varying(packed, axis_name):
+            # Under shard_map, gather into a value typed as replicated (like
+            # psum's result), so the statistics can leave with out_specs=P().
+            g = lax.all_gather(packed, axis_name, to="invarying")
+        else:
+            g = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
         if isinstance(axis_name, tuple) and g.ndim > packed.ndim + 1:
             g = g.reshape((-1, *packed.shape))
         k = 2 if cplx else 1
