@@ -189,7 +189,7 @@ def from_torch(
     unknown = sorted(k for k in sub if k not in _BN_KEYS)
     if unknown:
         hint = (
-            " ; for a whole model's state dict pass prefix='<module name>' or use from_torch_model"
+            "; for a whole model's state dict pass prefix='<module name>' or use from_torch_model"
             if any("." in str(k) for k in unknown)
             else ""
         )
@@ -288,7 +288,7 @@ def to_torch(
         arrays.setdefault("weight", np.ones(c))
         arrays.setdefault("bias", np.zeros(c))
     keys = ("weight", "bias", "running_mean", "running_var")
-    out: dict[str, np.ndarray] = {k: np.asarray(arrays[k], dtype) for k in keys if k in arrays}
+    out: dict[str, np.ndarray] = {k: np.array(arrays[k], dtype) for k in keys if k in arrays}  # writable copies
     if num_batches_tracked is None:
         c = _get(stats, "count")
         num_batches_tracked = 0 if c is None else int(_numpy(c, "count"))
@@ -317,7 +317,7 @@ def kernel_from_torch(weight: Any) -> np.ndarray:
     w = _numpy(weight, "weight")
     if w.ndim < 2:
         raise ValueError(f"weight must have at least 2 dimensions (out, in, *window), got shape {w.shape}")
-    return np.transpose(w, tuple(range(2, w.ndim)) + (1, 0))
+    return np.array(np.transpose(w, tuple(range(2, w.ndim)) + (1, 0)))  # a contiguous, writable copy
 
 
 def kernel_to_torch(kernel: Any) -> np.ndarray:
@@ -337,7 +337,7 @@ def kernel_to_torch(kernel: Any) -> np.ndarray:
     k = _numpy(kernel, "kernel")
     if k.ndim < 2:
         raise ValueError(f"kernel must have at least 2 dimensions (..., in, out), got shape {k.shape}")
-    return np.transpose(k, (k.ndim - 1, k.ndim - 2) + tuple(range(k.ndim - 2)))
+    return np.array(np.transpose(k, (k.ndim - 1, k.ndim - 2) + tuple(range(k.ndim - 2))))  # writable copy
 
 
 def _flax_path(p: Any) -> tuple[str, ...]:
@@ -367,7 +367,7 @@ def _node(tree: Any, path: tuple[str, ...]) -> Any:
 
 
 def from_torch_model(
-    state_dict: Mapping[str, Any], mapping: Mapping[str, Any], *, dtype: Any = jnp.float32
+    state_dict: Mapping[str, Any], mapping: Mapping[str, Any], *, dtype: Any = jnp.float32, count: bool = False
 ) -> dict[str, Any]:
     """Several modules of a PyTorch state dict -> flax variables, by module name.
 
@@ -383,6 +383,8 @@ def from_torch_model(
       state_dict: a PyTorch model's ``state_dict()`` (numpy arrays or tensors).
       mapping: ``{torch_prefix: flax_path}``.
       dtype: dtype of the returned arrays.
+      count: keep each batch norm's ``num_batches_tracked`` as ``batch_stats/.../count``
+        (as in `from_torch`).
 
     Returns:
       ``{'params': ..., 'batch_stats': ...}`` nested by flax path (``batch_stats``
@@ -406,7 +408,7 @@ def from_torch_model(
         if not sub:
             raise ValueError(f"no key of state_dict starts with {prefix.rstrip('.') + '.'!r}")
         if "running_mean" in sub or "running_var" in sub:
-            for collection, value in from_torch(sub, dtype=dtype).items():
+            for collection, value in from_torch(sub, dtype=dtype, count=count).items():
                 _put(out.setdefault(collection, {}), fpath, value)
             continue
         weight = sub.get("weight")
@@ -460,7 +462,7 @@ def to_torch_model(
         elif isinstance(params, Mapping) and "kernel" in params:
             sd = {"weight": np.asarray(kernel_to_torch(params["kernel"]), dtype)}
             if params.get("bias") is not None:
-                sd["bias"] = np.asarray(_numpy(params["bias"], "bias"), dtype)
+                sd["bias"] = np.array(_numpy(params["bias"], "bias"), dtype)
         else:
             raise ValueError(
                 f"flax module {'/'.join(fpath)!r} has neither batch_stats nor a kernel param"
