@@ -153,6 +153,12 @@ def global_moments(
             # Under shard_map, gather into a value typed as replicated (like
             # psum's result), so the statistics can leave with out_specs=P().
             g = lax.all_gather(packed, axis_name, to="invarying")
+        elif isinstance(axis_name, tuple) and axis_index_groups is None:
+            # One name at a time: a single all_gather over names bound by
+            # different transformations (pmap over vmap) is not supported.
+            g = packed
+            for name in reversed(axis_name):
+                g = lax.all_gather(g, name)
         else:
             g = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
         if isinstance(axis_name, tuple) and g.ndim > packed.ndim + 1:
