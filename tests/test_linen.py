@@ -1,0 +1,386 @@
+"""jaxbn.linen.BatchNorm: a drop-in for flax.linen.BatchNorm, plus its extras."""
+
+import dataclasses
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import serialization
+
+import jaxbn.linen
+from tests import reference as ref
+
+BN = jaxbn.linen.BatchNorm
+F32 = dict(rtol=2e-5, atol=2e-5)
+
+
+def _fields(cls):
+    return [(f.name, f.default) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def _close(a, b, **kw):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), **(kw or F32)), a, b)
+
+
+# ---------------------------------------------------------------- drop-in surface
+
+
+def test_fields_are_flax_fields_in_order_then_extras():
+    ours, theirs = _fields(BN), _fields(nn.BatchNorm)
+    assert ours[: len(theirs)] == theirs
+    assert ours[len(theirs):] == [
+        ("renorm", False), ("renorm_r_max", 3.0), ("renorm_d_max", 5.0), ("virtual_batch_size", None),
+        ("unbiased", False),
+    ]
+    assert BN.__name__ == "BatchNorm"
+    assert inspect.signature(BN.__call__).parameters.keys() == inspect.signature(nn.BatchNorm.__call__).parameters.keys()
+
+
+def test_positional_construction_and_auto_names():
+    # flax code builds BatchNorm positionally: (use_running_average, axis, momentum, epsilon, ...)
+    bn = BN(False, -1, 0.9, 1e-3, None, jnp.float32, True, True)
+    assert (bn.use_running_average, bn.momentum, bn.epsilon) == (False, 0.9, 1e-3)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return BN(use_running_average=False)(nn.Dense(3)(x))
+
+    v = Net().init(jax.random.key(0), jnp.ones((4, 2)))
+    assert set(v["batch_stats"]) == {"BatchNorm_0"}
+    assert set(v["params"]) == {"Dense_0", "BatchNorm_0"}
+
+
+def test_flax_only_arguments_are_accepted():
+    x = jax.random.normal(jax.random.key(0), (6, 3))
+    for kw in [dict(use_fast_variance=True), dict(force_float32_reductions=False)]:
+        v = BN(use_running_average=False, **kw).init(jax.random.key(0), x)
+        assert v["batch_stats"]["mean"].dtype == jnp.float32
+
+
+def test_missing_mode_raises_like_flax():
+    x = jnp.ones((4, 2))
+    with pytest.raises(ValueError, match="use_running_average"):
+        BN().init(jax.random.key(0), x)
+
+
+# ---------------------------------------------------------------- parity with flax
+
+CASES = [((16, 5), -1), ((4, 3, 3, 5), -1), ((4, 5, 3, 3), 1)]
+
+
+@pytest.mark.parametrize("shape, axis", CASES, ids=["NC", "NHWC", "NCHW"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
+def test_matches_flax(shape, axis, masked):
+    kx, km, kp = jax.random.split(jax.random.key(0), 3)
+    x = 2.0 + 3.0 * jax.random.normal(kx, shape)
+    mask = jax.random.bernoulli(km, 0.7, shape) if masked else None
+    theirs = nn.BatchNorm(use_running_average=False, axis=axis, momentum=0.9, use_fast_variance=False)
+    ours = BN(use_running_average=False, axis=axis, momentum=0.9)
+    v = theirs.init(kp, x)
+    v0 = ours.init(kp, x)
+    _close(v, v0, rtol=0, atol=0)
+    # non-trivial parameters so the affine part is exercised
+    v = {"params": jax.tree.map(lambda p: p + jax.random.normal(kp, p.shape), v["params"]),
+         "batch_stats": v["batch_stats"]}
+
+    def loss(mod, params, x):
+        y, upd = mod.apply({"params": params, "batch_stats": v["batch_stats"]}, x, mask=mask,
+                           mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y) * y), (y, upd)
+
+    (lt, (yt, ut)), gt = jax.value_and_grad(lambda p, x: loss(theirs, p, x), (0, 1), has_aux=True)(v["params"], x)
+    (lo, (yo, uo)), go = jax.value_and_grad(lambda p, x: loss(ours, p, x), (0, 1), has_aux=True)(v["params"], x)
+    _close(yo, yt)
+    _close(uo, ut)
+    _close(go, gt, rtol=1e-4, atol=1e-4)
+    # inference with the updated stats
+    vi = {"params": v["params"], **ut}
+    inf = dict(use_running_average=True)
+    _close(ours.clone(**inf).apply(vi, x), theirs.clone(**inf).apply(vi, x))
+
+
+def test_flax_batch_norm_case():  # ported from flax's linen_test.py::test_batch_norm
+    key1, key2 = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(key1, (4, 3, 2))
+    model = BN(momentum=0.9, use_running_average=False)
+    y, initial_params = model.init_with_output(key2, x)
+    np.testing.assert_allclose(y.mean((0, 1)), np.zeros(2), atol=1e-4)
+    np.testing.assert_allclose(y.var((0, 1)), np.ones(2), rtol=1e-4)
+    y, vars_out = model.apply(initial_params, x, mutable=["batch_stats"])
+    ema = vars_out["batch_stats"]
+    np.testing.assert_allclose(ema["mean"], 0.1 * x.mean((0, 1)), atol=1e-4)
+    np.testing.assert_allclose(ema["var"], 0.9 + 0.1 * x.var((0, 1)), rtol=1e-4)
+
+
+def test_flax_complex_case():  # ported from flax's linen_test.py::test_batch_norm_complex
+    key1, key2 = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(key1, (4, 3, 2), dtype=jnp.complex64)
+    model = BN(momentum=0.9, use_running_average=False, dtype=jnp.complex64)
+    y, initial_params = model.init_with_output(key2, x)
+    mean = y.mean((0, 1))
+    np.testing.assert_allclose(mean, np.zeros(2), atol=1e-4)
+    np.testing.assert_allclose(y.var((0, 1)), np.ones(2), rtol=1e-4)
+    assert mean.dtype == jnp.complex64
+    y, vars_out = model.apply(initial_params, x, mutable=["batch_stats"])
+    ema = vars_out["batch_stats"]
+    assert ema["mean"].dtype == jnp.complex64  # complex running mean, as flax
+    np.testing.assert_allclose(ema["mean"], 0.1 * x.mean((0, 1)), atol=1e-4)
+    np.testing.assert_allclose(ema["var"], 0.9 + 0.1 * x.var((0, 1)), rtol=1e-4)
+    theirs = nn.BatchNorm(momentum=0.9, use_running_average=False, dtype=jnp.complex64, use_fast_variance=False)
+    yt, vt = theirs.apply(initial_params, x, mutable=["batch_stats"])
+    _close(y, yt)
+    _close(vars_out, vt)
+
+
+def test_flax_multi_init_case():  # ported from flax's linen_test.py::test_batch_norm_multi_init
+    def foo(cls, **kw):
+        class Foo(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                norm = cls(name="norm", use_running_average=False, axis_name="batch", **kw)
+                x = norm(x)
+                return x, norm(x)
+
+        return Foo()
+
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    (y1, y2), variables = foo(BN).init_with_output(jax.random.key(0), x)  # axis_name unbound: unused in init
+    (t1, t2), _ = foo(nn.BatchNorm, use_fast_variance=False).init_with_output(jax.random.key(0), x)
+    _close((y1, y2), (t1, t2))
+    _close(variables["batch_stats"]["norm"], {"mean": jnp.zeros(4), "var": jnp.ones(4)}, rtol=0, atol=0)
+
+
+def test_init_leaves_stats_and_one_value_per_feature_does_not_raise():
+    x = 5.0 * jnp.ones((1, 3))
+    for mod in [BN(use_running_average=False), nn.BatchNorm(use_running_average=False)]:
+        y, v = mod.init_with_output(jax.random.key(0), x)
+        np.testing.assert_array_equal(y, jnp.zeros((1, 3)))
+        np.testing.assert_array_equal(v["batch_stats"]["var"], jnp.ones(3))
+    # training on a single value: mean = x, var = 0, output = bias, zero input gradient (as flax)
+    ours, theirs = BN(use_running_average=False, momentum=0.5), nn.BatchNorm(use_running_average=False, momentum=0.5)
+    yo, uo = ours.apply(v, x, mutable=["batch_stats"])
+    yt, ut = theirs.apply(v, x, mutable=["batch_stats"])
+    _close(yo, yt)
+    _close(uo, ut)
+    g = jax.grad(lambda x: jnp.sum(ours.apply(v, x, mutable=["batch_stats"])[0] ** 2 + x))(x)
+    _close(g, jnp.ones_like(x))
+
+
+@pytest.mark.parametrize(
+    "xdtype, dtype, use_scale",
+    [(jnp.bfloat16, None, True), (jnp.bfloat16, jnp.bfloat16, True), (jnp.bfloat16, None, False),
+     (jnp.float32, jnp.bfloat16, True), (jnp.float16, jnp.float32, True)],
+)
+def test_output_dtype_follows_flax(xdtype, dtype, use_scale):
+    x = jax.random.normal(jax.random.key(0), (8, 4)).astype(xdtype)
+    kw = dict(use_running_average=False, dtype=dtype, use_scale=use_scale, use_bias=use_scale)
+    v = nn.BatchNorm(**kw).init(jax.random.key(0), x)
+    yt, ut = nn.BatchNorm(use_fast_variance=False, **kw).apply(v, x, mutable=["batch_stats"])
+    yo, uo = BN(**kw).apply(v, x, mutable=["batch_stats"])
+    assert yo.dtype == yt.dtype
+    _close(yo.astype(jnp.float32), yt.astype(jnp.float32), rtol=2e-2, atol=2e-2)
+    _close(uo, ut, rtol=1e-3, atol=1e-3)
+    assert jax.tree.map(lambda a: a.dtype, uo) == jax.tree.map(lambda a: a.dtype, ut)
+
+
+def test_integer_input_is_promoted_like_flax():
+    x = jnp.arange(12).reshape(6, 2)
+    v = BN(use_running_average=False).init(jax.random.key(0), x)
+    yo = BN(use_running_average=False).apply(v, x, mutable=["batch_stats"])[0]
+    yt = nn.BatchNorm(use_running_average=False, use_fast_variance=False).apply(v, x, mutable=["batch_stats"])[0]
+    assert yo.dtype == yt.dtype
+    _close(yo, yt)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_variables_interchange_both_ways():
+    x = jax.random.normal(jax.random.key(0), (8, 3, 3, 4))
+    vt = nn.BatchNorm(use_running_average=False).init(jax.random.key(1), x)
+    vo = BN(use_running_average=False).init(jax.random.key(1), x)
+    assert jax.tree.structure(vt) == jax.tree.structure(vo)
+    # bytes written from one load into the other's template
+    vo2 = serialization.from_bytes(vo, serialization.to_bytes(vt))
+    vt2 = serialization.from_bytes(vt, serialization.to_bytes(vo))
+    _close(vo2, vt, rtol=0, atol=0)
+    _close(vt2, vo, rtol=0, atol=0)
+    _, upd = BN(use_running_average=False).apply(vt, x, mutable=["batch_stats"])
+    trained = {"params": vt["params"], **upd}
+    state = serialization.to_state_dict(trained)
+    restored = serialization.from_state_dict(vt, state)
+    _close(nn.BatchNorm(use_running_average=True).apply(restored, x), BN(use_running_average=True).apply(trained, x))
+
+
+def test_orbax_round_trip(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    mod = BN(use_running_average=False, momentum=0.5)
+    v = mod.init(jax.random.key(1), x)
+    _, upd = mod.apply(v, x, mutable=["batch_stats"])
+    trained = {"params": v["params"], **upd}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ckpt", trained)
+        ckptr.wait_until_finished()
+        restored = ckptr.restore(tmp_path / "ckpt", nn.BatchNorm(use_running_average=False).init(jax.random.key(2), x))
+    _close(restored, trained, rtol=0, atol=0)
+    _close(nn.BatchNorm(use_running_average=True).apply(restored, x), mod.clone(use_running_average=True).apply(trained, x))
+
+
+# ---------------------------------------------------------------- Linen transforms
+
+
+def test_scan_remat_and_vmap():
+    x = jax.random.normal(jax.random.key(0), (3, 8, 4))
+
+    def stack(bn_cls):
+        class Body(nn.Module):
+            @nn.compact
+            def __call__(self, c, xs):
+                return c, nn.remat(bn_cls)(use_running_average=False, momentum=0.5)(xs)
+
+        return nn.scan(Body, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True},
+                       in_axes=0, out_axes=0, length=3)()
+
+    outs = []
+    for cls, kw in [(nn.BatchNorm, dict(use_fast_variance=False)), (BN, {})]:
+        import functools
+
+        m = stack(functools.partial(cls, **kw))
+        v = m.init(jax.random.key(1), None, x)
+        (_, y), upd = m.apply(v, None, x, mutable=["batch_stats"])
+        outs.append((y, upd))
+    _close(outs[1], outs[0])
+
+    # nn.vmap with axis_name: statistics over the whole vmapped batch
+    vm = nn.vmap(BN, in_axes=0, out_axes=0, variable_axes={"params": None, "batch_stats": None},
+                 split_rngs={"params": False}, axis_name="b")
+    mod = vm(use_running_average=False, axis_name="b", momentum=0.0)
+    v = mod.init(jax.random.key(0), x)
+    y, upd = mod.apply(v, x, mutable=["batch_stats"])
+    flat = x.reshape(-1, 4)
+    _close(upd["batch_stats"]["mean"], flat.mean(0))
+    _close(upd["batch_stats"]["var"], flat.var(0))
+    _close(y, ((flat - flat.mean(0, keepdims=True)) / jnp.sqrt(flat.var(0, keepdims=True) + 1e-5)).reshape(x.shape))
+
+
+def test_small_cnn_trains_like_flax():
+    class CNN(nn.Module):
+        norm: type
+
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.Conv(4, (3, 3))(x)
+            x = self.norm(use_running_average=not train, momentum=0.9)(x)
+            x = nn.relu(x)
+            x = x.mean((1, 2))
+            x = nn.Dense(6)(x)
+            x = self.norm(use_running_average=not train, momentum=0.9)(x)
+            return nn.Dense(3)(nn.relu(x))
+
+    kx, ky = jax.random.split(jax.random.key(0))
+    xs = jax.random.normal(kx, (4, 8, 6, 6, 2))
+    ys = jax.random.randint(ky, (4, 8), 0, 3)
+    tx = optax.sgd(0.1, momentum=0.9)
+    results = []
+    for norm in [nn.BatchNorm, BN]:
+        model = CNN(norm if norm is BN else lambda **kw: nn.BatchNorm(use_fast_variance=False, **kw))
+        v = model.init(jax.random.key(1), xs[0], train=False)
+        params, stats = v["params"], v["batch_stats"]
+        opt = tx.init(params)
+
+        @jax.jit
+        def step(params, stats, opt, x, y, model=model):
+            def loss_fn(p):
+                logits, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
+
+            (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt = tx.update(g, opt)
+            return optax.apply_updates(params, updates), stats, opt, loss
+
+        losses = []
+        for x, y in zip(xs, ys, strict=True):
+            params, stats, opt, loss = step(params, stats, opt, x, y)
+            losses.append(loss)
+        results.append((np.array(losses), stats))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-4)
+    _close(results[1][1], results[0][1], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- extras
+
+
+def test_renorm_matches_reference():
+    kx, kp = jax.random.split(jax.random.key(3))
+    x = 1.0 + 2.0 * jax.random.normal(kx, (10, 3))
+    run_mean, run_var = jnp.array([0.5, -8.0, 0.0]), jnp.array([0.2, 1.0, 30.0])  # r and d clip on some features
+    scale, bias = jnp.array([1.5, 0.5, 2.0]), jnp.array([0.1, 0.2, -0.3])
+    v = {"params": {"scale": scale, "bias": bias}, "batch_stats": {"mean": run_mean, "var": run_var}}
+    mod = BN(use_running_average=False, renorm=True, renorm_r_max=2.0, renorm_d_max=1.0, momentum=0.8)
+    y, upd = mod.apply(v, x, mutable=["batch_stats"])
+    y_ref, m, var, n = ref.renorm_train(x, run_mean, run_var, scale, bias, r_max=2.0, d_max=1.0)
+    mean_ref, var_ref, _ = ref.update(run_mean, run_var, 0, m, var, n, momentum=0.8)
+    _close(y, y_ref)
+    _close(upd["batch_stats"], {"mean": mean_ref, "var": var_ref})
+    _close(mod.clone(use_running_average=True).apply(v, x), ref.normalize(x, run_mean, run_var, scale, bias))
+
+
+@pytest.mark.parametrize("shape, axis", [((12, 3), -1), ((6, 3, 2, 2), 1)], ids=["NC", "NCHW"])
+def test_ghost_batch_matches_reference(shape, axis):
+    x = 1.0 + jax.random.normal(jax.random.key(4), shape) * jnp.arange(1, 13).reshape((12,) + (1,) * (len(shape) - 1))[
+        : shape[0]]
+    mod = BN(use_running_average=False, virtual_batch_size=3 if shape[0] == 12 else 2, axis=axis, momentum=0.75)
+    vbs = mod.virtual_batch_size
+    v = mod.init(jax.random.key(0), x)
+    y, upd = mod.apply(v, x, mutable=["batch_stats"])
+    y_ref, means, variances, _ = ref.ghost_train(x, axis=axis, virtual_batch_size=vbs)
+    _close(y, y_ref, rtol=1e-4, atol=1e-4)
+    _close(upd["batch_stats"], {"mean": 0.25 * means.mean(0), "var": 0.75 + 0.25 * variances.mean(0)})
+    # inference ignores virtual_batch_size: any batch size works
+    y_inf = mod.clone(use_running_average=True).apply({**v, **upd}, x[:5])
+    _close(y_inf, ref.normalize(x[:5], upd["batch_stats"]["mean"], upd["batch_stats"]["var"], axis=axis))
+    # gradients flow through each group's moments (each group's output sums to zero)
+    g = jax.grad(lambda x: jnp.sum(mod.apply(v, x, mutable=["batch_stats"])[0] * jnp.arange(x.size).reshape(x.shape)))(x)
+    assert np.all(np.isfinite(g))
+
+
+def test_ghost_batch_errors_and_init_fallback():
+    mod = BN(use_running_average=False, virtual_batch_size=4)
+    x = jax.random.normal(jax.random.key(0), (6, 3))
+    v = mod.init(jax.random.key(0), x)  # init falls back to whole-batch moments
+    y, _ = mod.init_with_output(jax.random.key(0), x)
+    _close(y, ref.normalize(x, *ref.moments(x)[:2]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"virtual_batch_size=4 must divide the batch size.*6 entries"):
+        mod.apply(v, x, mutable=["batch_stats"])
+    with pytest.raises(ValueError, match="axis 0 is a feature axis"):
+        BN(use_running_average=False, virtual_batch_size=2, axis=0).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="virtual_batch_size must be None or an int >= 1"):
+        BN(use_running_average=False, virtual_batch_size=0).init(jax.random.key(0), x)
+    # groups of one value per feature do not raise either (as flax with a batch of one)
+    y1, _ = BN(use_running_average=False, virtual_batch_size=1).apply(v, x, mutable=["batch_stats"])
+    _close(y1, jnp.zeros_like(x))
+
+
+def test_unbiased_and_cumulative_momentum():
+    xs = [jax.random.normal(jax.random.key(i), (5, 2)) * (i + 1) for i in range(3)]
+    mod = BN(use_running_average=False, momentum=None, unbiased=True)
+    v = mod.init(jax.random.key(0), xs[0])
+    assert set(v["batch_stats"]) == {"mean", "var", "count"}
+    assert v["batch_stats"]["count"].dtype == jnp.int32 and int(v["batch_stats"]["count"]) == 0
+    stats = v["batch_stats"]
+    for x in xs:
+        _, upd = mod.apply({"params": v["params"], "batch_stats": stats}, x, mutable=["batch_stats"])
+        stats = upd["batch_stats"]
+    assert int(stats["count"]) == 3
+    _close(stats["mean"], np.mean([np.mean(np.asarray(x), 0) for x in xs], 0))
+    _close(stats["var"], np.mean([np.var(np.asarray(x), 0, ddof=1) for x in xs], 0))
+    # default tree has no count
+    assert set(BN(use_running_average=False).init(jax.random.key(0), xs[0])["batch_stats"]) == {"mean", "var"}
+    with pytest.raises(ValueError, match="momentum=1.5 is outside"):
+        BN(use_running_average=False, momentum=1.5).init(jax.random.key(0), xs[0])
