@@ -196,8 +196,13 @@ def test_top_level_export():
 
 
 def _norm_classes():
-    classes = [("flax", lambda **kw: nn.BatchNorm(use_fast_variance=False, **kw))]
-    return classes
+    import jaxbn.linen  # part of the package: this variant always runs
+
+    return [
+        ("flax", lambda **kw: nn.BatchNorm(use_fast_variance=False, **kw)),
+        ("jaxbn.linen", lambda **kw: jaxbn.linen.BatchNorm(**kw)),
+        ("jaxbn.linen-cumulative", lambda **kw: jaxbn.linen.BatchNorm(momentum=None, **kw)),  # stores a count
+    ]
 
 
 class Block(nn.Module):

@@ -92,6 +92,31 @@ def test_jaxbn_reproduces_torch_training(torch_momentum):
     np.testing.assert_allclose(y, ref(x, training=False), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("torch_momentum", [0.1, None])
+def test_linen_module_continues_torch_training(torch_momentum):
+    """A torch state dict loaded into jaxbn.linen.BatchNorm(axis=1, unbiased=True) trains on as torch does."""
+    import jaxbn.linen
+
+    ref = TorchBatchNorm2d(3, momentum=torch_momentum, weight=[1.0, 2.0, 0.5], bias=[0.0, 1.0, -1.0])
+    batches = _batches(5, seed=3)
+    for x in batches[:2]:
+        ref(x, training=True)
+    variables = interop.from_torch(ref.state_dict(), count=torch_momentum is None)
+    bn = jaxbn.linen.BatchNorm(axis=1, momentum=interop.torch_momentum_to_jaxbn(torch_momentum), unbiased=True)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, jax.eval_shape(
+        lambda x: bn.init(jax.random.key(0), x, use_running_average=True), batches[0]))
+    step = jax.jit(lambda v, x: bn.apply(v, x, use_running_average=False, mutable=["batch_stats"]))
+    for x in batches[2:]:
+        y, updates = step(variables, x)
+        variables = {**variables, **updates}
+        np.testing.assert_allclose(y, ref(x, training=True), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(variables["batch_stats"]["mean"], ref.running_mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(variables["batch_stats"]["var"], ref.running_var, rtol=1e-5, atol=1e-5)
+    sd = interop.to_torch(variables)
+    assert int(sd["num_batches_tracked"]) == (5 if torch_momentum is None else 0)
+    np.testing.assert_allclose(sd["running_var"], ref.running_var, rtol=1e-5)
+
+
 def test_recorded_torch_numbers():
     """Numbers recorded from torch 2.13's BatchNorm2d(2) (momentum 0.1), two train steps then eval."""
     x = (np.arange(24, dtype=np.float32).reshape(2, 2, 3, 2) ** 1.5 / 10).astype(np.float32)
