@@ -164,7 +164,8 @@ def from_torch(
         for a whole model's state dict (other keys are ignored).
       dtype: dtype of the returned arrays (float32).
       count: also return ``num_batches_tracked`` as ``batch_stats['count']``
-        (int32 scalar), the number of updates `jaxbn.RunningStats.count` holds.
+        (int32 scalar), the number of updates `jaxbn.RunningStats.count` holds
+        and ``jaxbn.linen.BatchNorm(momentum=None)`` keeps (other modules have no count).
 
     Returns:
       ``{'params': {'scale', 'bias'}, 'batch_stats': {'mean', 'var'}}`` of jax arrays.
