@@ -1,5 +1,6 @@
 """jaxbn.fold and fold_linen: the folded layer equals the layer followed by an inference-mode batch norm."""
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -278,6 +279,9 @@ def test_fold_linen_keeps_other_entries():
     assert "BatchNorm_0" not in folded["params"] and "BatchNorm_0" not in folded["batch_stats"]
     assert "BatchNorm_1" in folded["params"] and "BatchNorm_0" in folded["batch_stats"]["Block_0"]
     assert folded["extra"]["keep"].shape == (2,)
+    frozen = fold_linen(flax.core.freeze(variables), PAIRS)  # FrozenDicts in, plain dicts out
+    assert type(frozen) is dict and type(frozen["params"]["Block_0"]) is dict
+    assert "batch_stats" not in frozen
 
 
 def test_fold_linen_errors():
