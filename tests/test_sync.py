@@ -103,7 +103,9 @@ def _put(mesh, spec, *arrays):
 
 @pytest.mark.parametrize("strategy", ["gather", "psum"])
 def test_pmap_matches_concatenated_batch(strategy):
-    f = jax.pmap(lambda *a: _local_step(*a, axis_name="i", strategy=strategy), axis_name="i", in_axes=(0, 0, 0, None, None))
+    f = jax.pmap(
+        lambda *a: _local_step(*a, axis_name="i", strategy=strategy), axis_name="i", in_axes=(0, 0, 0, None, None)
+    )
     _check(f(X, MASK, DY, SCALE, BIAS), per_device_params=True)
 
 
@@ -285,8 +287,8 @@ def test_shard_map_inner_mesh_axis_is_the_grouping():
         rows = slice(i * 4 * B, (i + 1) * 4 * B)
         # scale and bias are shared by both groups (in_specs P()): their gradient is the sum over groups.
         want = {**want, **{k: halves[0][k] + halves[1][k] for k in ("dscale", "dbias")}}
-        _check({"y": got["y"][rows], "dx": got["dx"][rows], **{k: got[k][i] for k in ("mean", "var", "dscale", "dbias")}},
-               want)
+        per_group = {k: got[k][i] for k in ("mean", "var", "dscale", "dbias")}
+        _check({"y": got["y"][rows], "dx": got["dx"][rows], **per_group}, want)
 
 
 # ----------------------------------------------------------------------------- exactness, stability, edge cases
