@@ -1,0 +1,98 @@
+"""jaxbn.collectives: HLO parsing, and the collective budget of one sync-BN training step."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxbn import collectives as col
+
+needs8 = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)"
+)
+
+HLO = """
+HloModule m
+  %all-reduce.1 = (f32[1,16]{1,0}, f32[1,16]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3},{4,5,6,7}}
+  %ag = f32[8,3,1,16]{3,2,1,0} all-gather(%p), channel_id=2, replica_groups=[1,8]<=[8], dimensions={0}
+  %ags = ((bf16[4]{0}), bf16[32]{0}) all-gather-start(%q), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %agd = bf16[32]{0} all-gather-done(%ags)
+  %rs = f32[2]{0} reduce-scatter(%r), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+  %cps = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%s), source_target_pairs={{0,1},{1,0}}
+  %cpd = f32[4]{0} collective-permute-done(%cps)
+  %a2a = s32[8,2]{1,0} all-to-all(%t), replica_groups={{0,1}}, dimensions={0}
+  %not = f32[4]{0} add(%all-reduce.2, %x)
+"""
+
+
+def test_parse_collectives_kinds_bytes_and_groups():
+    ops = col.parse_collectives(HLO)
+    assert [(o.kind, o.bytes, o.group_size) for o in ops] == [
+        ("all-reduce", 128, 4),
+        ("all-gather", 8 * 3 * 16 * 4, 8),
+        ("all-gather", 64, 8),  # async pair counted once, by its result
+        ("reduce-scatter", 8, 4),
+        ("collective-permute", 16, None),
+        ("all-to-all", 64, 2),
+    ]
+    counts, nbytes = col.summarize(ops)
+    assert counts == {"all-reduce": 1, "all-gather": 2, "reduce-scatter": 1, "collective-permute": 1, "all-to-all": 1}
+    assert nbytes["all-gather"] == 1536 + 64
+
+
+@needs8
+def test_count_collectives_of_a_jitted_shard_map():
+    mesh = jax.make_mesh((8,), ("d",))
+    x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("d")))
+    f = jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh, in_specs=P("d"), out_specs=P())
+    assert col.count_collectives(f, x) == {**dict.fromkeys(col.KINDS, 0), "all-reduce": 1}
+    assert col.collective_bytes(f, x)["all-reduce"] == 4 * 4
+
+
+@pytest.fixture(scope="module")
+def table8():
+    if jax.device_count() != 8:
+        pytest.skip("needs exactly 8 devices (the root conftest.py sets 8 fake CPU devices)")
+    return {row["impl"]: row for row in col.sync_bn_table()}
+
+
+def test_jaxbn_step_has_at_most_two_collectives(table8):
+    """gather: ONE all-gather forward (stable, exact moments) + ONE all-reduce backward."""
+    gather = table8["jaxbn gather"]["counts"]
+    assert gather["all-gather"] == 1 and gather["all-reduce"] == 1 and sum(gather.values()) == 2
+    assert table8["jaxbn auto"]["counts"] == gather  # auto gathers up to 16 devices
+    psum = table8["jaxbn psum"]["counts"]
+    assert psum["all-reduce"] == 3 and sum(psum.values()) == 3  # two forward, one backward
+
+
+def test_flax_collective_counts(table8):
+    """What jaxbn is compared against: flax.linen.BatchNorm synchronizes with pmean."""
+    assert sum(table8["flax fast_var=True"]["counts"].values()) == 2
+    assert sum(table8["flax fast_var=False"]["counts"].values()) == 4
+
+
+def test_64_devices_in_a_subprocess(table8):
+    rows = {r["impl"]: r for r in col.table_in_subprocess(64, ["jaxbn auto", "jaxbn gather", "jaxbn psum"])}
+    assert all(r["devices"] == 64 for r in rows.values())
+    # psum's payload does not depend on the device count.
+    assert rows["jaxbn psum"]["bytes"] == table8["jaxbn psum"]["bytes"]
+    assert rows["jaxbn psum"]["counts"] == table8["jaxbn psum"]["counts"]
+    # gather stays at two collectives; its gathered result grows with the devices.
+    assert sum(rows["jaxbn gather"]["counts"].values()) == 2
+    assert rows["jaxbn gather"]["bytes"]["all-gather"] == 8 * table8["jaxbn gather"]["bytes"]["all-gather"]
+    assert rows["jaxbn gather"]["bytes"]["all-reduce"] == table8["jaxbn gather"]["bytes"]["all-reduce"]
+    # above GATHER_MAX_DEVICES, auto switches to psum.
+    assert rows["jaxbn auto"]["counts"] == rows["jaxbn psum"]["counts"]
+
+
+def test_main_prints_rows(table8, capsys):
+    col.main(["--json", "--impls", "jaxbn gather"])
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["counts"] == table8["jaxbn gather"]["counts"]
+    text = col.format_table(list(table8.values()))
+    assert "jaxbn gather" in text and "1 all-gather" in text
