@@ -1,0 +1,246 @@
+"""jaxbn.nnx.BatchNorm: a drop-in for flax.nnx.BatchNorm, plus its extras."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxbn.nnx
+from tests import reference as ref
+
+BN = jaxbn.nnx.BatchNorm
+F32 = dict(rtol=2e-5, atol=2e-5)
+
+
+def _close(a, b, **kw):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), **(kw or F32)), a, b)
+
+
+def _pair(n, **kw):
+    """(flax's layer with use_fast_variance=False, ours), same parameters."""
+    theirs = nnx.BatchNorm(n, use_fast_variance=False, rngs=nnx.Rngs(0), **kw)
+    ours = BN(n, rngs=nnx.Rngs(0), **kw)
+    return theirs, ours
+
+
+def _set_params(layer, key):
+    k1, k2 = jax.random.split(key)
+    layer.scale[...] = 1.0 + jax.random.normal(k1, layer.scale.shape)
+    layer.bias[...] = jax.random.normal(k2, layer.bias.shape)
+
+
+# ---------------------------------------------------------------- drop-in surface
+
+
+def test_constructor_accepts_every_flax_argument_with_flax_defaults():
+    ours = inspect.signature(BN.__init__).parameters
+    theirs = inspect.signature(nnx.BatchNorm.__init__).parameters
+    for name, p in theirs.items():
+        assert name in ours, name
+        assert ours[name].kind == p.kind, name
+        if name not in ("bias_init", "scale_init"):  # fresh closures, compared by behaviour below
+            assert ours[name].default == p.default, name
+    extras = [n for n in ours if n not in theirs]
+    assert extras == ["renorm", "renorm_r_max", "renorm_d_max", "virtual_batch_size", "unbiased"]
+    assert [ours[n].default for n in extras] == [False, 3.0, 5.0, None, False]
+    theirs_l, ours_l = _pair(3)
+    _close(nnx.state(ours_l), nnx.state(theirs_l), rtol=0, atol=0)
+    assert jax.tree.structure(nnx.state(ours_l)) == jax.tree.structure(nnx.state(theirs_l))
+
+
+def test_graph_does_not_depend_on_initializers():
+    a = BN(3, rngs=nnx.Rngs(0))
+    b = BN(3, scale_init=nnx.initializers.constant(2.0), bias_init=lambda k, s, d: jnp.full(s, 0.5, d),
+           rngs=nnx.Rngs(1))
+    assert nnx.graphdef(a) == nnx.graphdef(b)
+    assert float(b.scale[0]) == 2.0 and float(b.bias[0]) == 0.5
+
+
+def test_metadata_and_no_scale_bias():
+    bn = BN(3, rngs=nnx.Rngs(0), scale_metadata={"note": "feat"}, bias_metadata={"tag": "b"})
+    assert bn.scale.get_metadata()["note"] == "feat"
+    assert bn.bias.get_metadata()["tag"] == "b"
+    bare = BN(3, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
+    ref_bare = nnx.BatchNorm(3, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
+    assert bare.scale is None and bare.bias is None
+    assert jax.tree.structure(nnx.state(bare)) == jax.tree.structure(nnx.state(ref_bare))
+
+
+# ---------------------------------------------------------------- parity with flax
+
+CASES = [((16, 5), -1), ((4, 3, 3, 5), -1), ((4, 5, 3, 3), 1)]
+
+
+@pytest.mark.parametrize("shape, axis", CASES, ids=["NC", "NHWC", "NCHW"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
+def test_matches_flax(shape, axis, masked):
+    kx, km, kp = jax.random.split(jax.random.key(0), 3)
+    x = 2.0 + 3.0 * jax.random.normal(kx, shape)
+    mask = jax.random.bernoulli(km, 0.7, shape) if masked else None
+    theirs, ours = _pair(shape[axis], axis=axis, momentum=0.9)
+    for layer in (theirs, ours):
+        _set_params(layer, kp)
+
+    @nnx.jit
+    def step(layer, x):
+        def loss(layer, x):
+            y = layer(x, mask=mask)
+            return jnp.sum(jnp.sin(y) * y), y
+
+        (_, y), (g, gx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
+        return y, nnx.state(g, nnx.Param), gx
+
+    yt, gt, gxt = step(theirs, x)
+    yo, go, gxo = step(ours, x)
+    _close(yo, yt)
+    _close(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat))
+    _close((go, gxo), (gt, gxt), rtol=1e-4, atol=1e-4)
+    theirs.eval()
+    ours.eval()
+    _close(ours(x), theirs(x))
+
+
+def test_train_eval_view_and_call_override():
+    x = jax.random.normal(jax.random.key(0), (8, 3)) + 1.0
+    bn = BN(3, momentum=0.5, rngs=nnx.Rngs(0))
+    bn.eval()
+    y = bn(x)
+    _close(y, ref.normalize(x, np.zeros(3), np.ones(3)))
+    _close(bn.mean[...], jnp.zeros(3), rtol=0, atol=0)
+    train_view = nnx.view(bn, use_running_average=False)
+    assert train_view.use_running_average is False and bn.use_running_average is True
+    train_view(x)  # shares the arrays: the original's stats move
+    _close(bn.mean[...], 0.5 * x.mean(0))
+    bn(x, use_running_average=False)
+    _close(bn.mean[...], 0.75 * x.mean(0))
+    bn.train()
+    assert bn.use_running_average is False
+    assert "use_running_average" in nnx.view_info(bn)
+    with pytest.raises(ValueError, match="No `use_running_average` argument"):
+        BN(3, use_running_average=None, rngs=nnx.Rngs(0))(x)
+
+
+def test_promote_dtype_is_honoured():
+    x = jax.random.normal(jax.random.key(0), (8, 4)).astype(jnp.bfloat16)
+    for dtype in [None, jnp.bfloat16, jnp.float32]:
+        theirs, ours = _pair(4, dtype=dtype)
+        yt, yo = theirs(x), ours(x)
+        assert yo.dtype == yt.dtype
+        _close(yo.astype(jnp.float32), yt.astype(jnp.float32), rtol=2e-2, atol=2e-2)
+        _close(nnx.state(ours, nnx.BatchStat), nnx.state(theirs, nnx.BatchStat), rtol=1e-3, atol=1e-3)
+    calls = []
+
+    def promote(args, *, dtype=None):
+        calls.append(dtype)
+        return tuple(None if a is None else jnp.asarray(a, jnp.float16) for a in args)
+
+    bn = BN(4, promote_dtype=promote, dtype=jnp.float16, rngs=nnx.Rngs(0))
+    assert bn(x).dtype == jnp.float16 and calls == [jnp.float16]
+
+
+def test_complex_keeps_complex_running_mean_and_one_value_per_feature():
+    x = jax.random.normal(jax.random.key(0), (6, 2), dtype=jnp.complex64)
+    bn = BN(2, momentum=0.9, dtype=jnp.complex64, rngs=nnx.Rngs(0))
+    y = bn(x)
+    assert y.dtype == jnp.complex64 and bn.mean[...].dtype == jnp.complex64
+    _close(bn.mean[...], 0.1 * x.mean(0), atol=1e-5)
+    _close(bn.var[...], 0.9 + 0.1 * x.var(0), rtol=1e-5)
+    bn = BN(3, momentum=0.5, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(bn(jnp.full((1, 3), 4.0)), jnp.zeros((1, 3)))
+    _close(bn.mean[...], jnp.full(3, 2.0))
+    _close(bn.var[...], jnp.full(3, 0.5))
+
+
+def test_jit_split_merge_and_optimizer_step_match_flax():
+    class CNN(nnx.Module):
+        def __init__(self, norm, rngs):
+            self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+            self.bn1 = norm(4, momentum=0.9, rngs=rngs)
+            self.lin = nnx.Linear(4, 6, rngs=rngs)
+            self.bn2 = norm(6, momentum=0.9, rngs=rngs)
+            self.out = nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            x = nnx.relu(self.bn1(self.conv(x))).mean((1, 2))
+            return self.out(nnx.relu(self.bn2(self.lin(x))))
+
+    kx, ky = jax.random.split(jax.random.key(0))
+    xs = jax.random.normal(kx, (4, 8, 6, 6, 2))
+    ys = jax.random.randint(ky, (4, 8), 0, 3)
+    results = []
+    for norm in [lambda n, **kw: nnx.BatchNorm(n, use_fast_variance=False, **kw), BN]:
+        model = CNN(norm, nnx.Rngs(1))
+        opt = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, opt, x, y):
+            def loss_fn(model):
+                return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+            loss, g = nnx.value_and_grad(loss_fn)(model)
+            opt.update(model, g)
+            return loss
+
+        losses = [step(model, opt, x, y) for x, y in zip(xs, ys, strict=True)]
+        # split / merge round trip, then eval
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        results.append((np.array(losses), nnx.state(model, nnx.BatchStat), model(xs[0])))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-4)
+    _close(results[1][1:], results[0][1:], rtol=1e-4, atol=1e-4)
+
+
+def test_state_interchange_with_flax():
+    x = jax.random.normal(jax.random.key(0), (8, 3)) * 2 + 1
+    theirs, ours = _pair(3, momentum=0.5)
+    theirs(x)
+    nnx.update(ours, nnx.state(theirs))
+    ours.eval()
+    theirs.eval()
+    _close(ours(x), theirs(x))
+    ours.train()
+    ours(2 * x)
+    nnx.update(theirs, nnx.state(ours))
+    _close(nnx.state(theirs), nnx.state(ours), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- extras
+
+
+def test_extras_match_reference():
+    x = 1.0 + 2.0 * jax.random.normal(jax.random.key(3), (12, 3))
+    # renorm
+    bn = BN(3, renorm=True, renorm_r_max=2.0, renorm_d_max=1.0, momentum=0.8, rngs=nnx.Rngs(0))
+    run_mean, run_var = jnp.array([0.5, -8.0, 0.0]), jnp.array([0.2, 1.0, 30.0])
+    bn.mean[...], bn.var[...] = run_mean, run_var
+    y = bn(x)
+    y_ref, m, v, n = ref.renorm_train(x, run_mean, run_var, r_max=2.0, d_max=1.0)
+    _close(y, y_ref)
+    mean_ref, var_ref, _ = ref.update(run_mean, run_var, 0, m, v, n, momentum=0.8)
+    _close((bn.mean[...], bn.var[...]), (mean_ref, var_ref))
+    # ghost batches
+    bn = BN(3, virtual_batch_size=4, momentum=0.0, rngs=nnx.Rngs(0))
+    y_ref, means, variances, _ = ref.ghost_train(x, virtual_batch_size=4)
+    _close(bn(x), y_ref, rtol=1e-4, atol=1e-4)
+    _close((bn.mean[...], bn.var[...]), (means.mean(0), variances.mean(0)))
+    bn.eval()
+    assert bn(x[:5]).shape == (5, 3)  # inference: any batch size
+    bn.train()
+    with pytest.raises(ValueError, match=r"virtual_batch_size=4 must divide the batch size"):
+        bn(x[:5])
+    with pytest.raises(ValueError, match="virtual_batch_size must be None or an int >= 1"):
+        BN(3, virtual_batch_size=-2, rngs=nnx.Rngs(0))
+    # unbiased + cumulative average
+    bn = BN(3, momentum=None, unbiased=True, rngs=nnx.Rngs(0))
+    assert set(nnx.state(bn, nnx.BatchStat)) == {"mean", "var", "count"}
+    assert "count" not in nnx.state(BN(3, rngs=nnx.Rngs(0)), nnx.BatchStat)
+    bn(x[:6])
+    bn(x[6:] * 3)
+    assert int(bn.count[...]) == 2
+    _close(bn.mean[...], (x[:6].mean(0) + 3 * x[6:].mean(0)) / 2)
+    _close(bn.var[...], (np.var(x[:6], 0, ddof=1) + np.var(3 * x[6:], 0, ddof=1)) / 2, rtol=1e-5)
