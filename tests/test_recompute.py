@@ -1,0 +1,170 @@
+"""recompute_batch_stats (precise BN) for Linen and NNX, against a layer-by-layer hand computation."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxbn.linen
+import jaxbn.nnx
+
+SIZES = (5, 8, 3)  # unequal batches: the statistics are count-weighted
+
+
+def _batches():
+    keys = jax.random.split(jax.random.key(0), len(SIZES))
+    return [2.0 + 3.0 * jax.random.normal(k, (n, 2)) for k, n in zip(keys, SIZES, strict=True)]
+
+
+def _bn_train(h, scale, bias, eps=1e-5):
+    mean, var = h.mean(0), h.var(0)
+    return (h - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _hand(batches, k1, b1, s1, c1, k2, b2):
+    """Each layer's input over every batch, the model in training mode (float64)."""
+    h1s, h2s = [], []
+    for x in batches:
+        h1 = np.asarray(x, np.float64) @ k1 + b1
+        z = np.maximum(_bn_train(h1, s1, c1), 0.0)
+        h1s.append(h1)
+        h2s.append(z @ k2 + b2)
+    return np.concatenate(h1s), np.concatenate(h2s)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Dense(4)(x)
+        return nn.relu(jaxbn.linen.BatchNorm(use_running_average=not train)(x))
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Dense(3)(Block()(x, train))
+        return jaxbn.linen.BatchNorm(use_running_average=not train, momentum=None, unbiased=True)(x)
+
+
+def _random_params(params, key):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [p + 0.5 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, noisy)
+
+
+def test_linen_matches_hand_computation():
+    batches = _batches()
+    model = Net()
+    v = model.init(jax.random.key(1), batches[0], train=False)
+    v = {"params": _random_params(v["params"], jax.random.key(2)), "batch_stats": v["batch_stats"]}
+    before = jax.tree.map(np.array, v)
+    out = jaxbn.linen.recompute_batch_stats(model, v, batches, train=True)
+    jax.tree.map(np.testing.assert_array_equal, v, before)  # inputs untouched
+    assert out["params"] is v["params"]
+    assert jax.tree.structure(out) == jax.tree.structure(v)
+    assert jax.tree.map(lambda a: a.dtype, out) == jax.tree.map(lambda a: a.dtype, v)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
+    blk = p["Block_0"]
+    h1, h2 = _hand(batches, blk["Dense_0"]["kernel"], blk["Dense_0"]["bias"], blk["BatchNorm_0"]["scale"],
+                   blk["BatchNorm_0"]["bias"], p["Dense_0"]["kernel"], p["Dense_0"]["bias"])
+    bs = out["batch_stats"]
+    np.testing.assert_allclose(bs["Block_0"]["BatchNorm_0"]["mean"], h1.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bs["Block_0"]["BatchNorm_0"]["var"], h1.var(0), rtol=1e-5)
+    np.testing.assert_allclose(bs["BatchNorm_0"]["mean"], h2.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bs["BatchNorm_0"]["var"], h2.var(0, ddof=1), rtol=1e-5)  # unbiased layer
+    assert int(bs["BatchNorm_0"]["count"]) == len(SIZES)
+    # not the average of per-batch variances (torch's update_bn): the spread of the batch means counts
+    per_batch = np.mean([h1[a:a + n].var(0) for a, n in zip(np.cumsum((0,) + SIZES), SIZES, strict=False)], 0)
+    assert not np.allclose(bs["Block_0"]["BatchNorm_0"]["var"], per_batch, rtol=1e-3)
+
+
+def test_linen_forces_batch_moments_and_spreads_tuples():
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, a, b):
+            return jaxbn.linen.BatchNorm(use_running_average=True)(a + b)  # inference mode: still recomputed
+
+    a, b = _batches()[:2]
+    b = b[:5]
+    v = Two().init(jax.random.key(0), a, b)
+    out = jaxbn.linen.recompute_batch_stats(Two(), v, [(a, b), (b, a)])
+    both = np.concatenate([a + b, b + a])
+    np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["mean"], both.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["var"], both.var(0), rtol=1e-5)
+
+
+def test_linen_errors():
+    x = _batches()[0]
+    v = Net().init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match="batches is empty"):
+        jaxbn.linen.recompute_batch_stats(Net(), v, [], train=True)
+    dense = nn.Dense(2)
+    with pytest.raises(ValueError, match="no jaxbn.linen.BatchNorm layer ran in Dense"):
+        jaxbn.linen.recompute_batch_stats(dense, dense.init(jax.random.key(0), x), [x])
+
+
+class NNXNet(nnx.Module):
+    def __init__(self, rngs):
+        self.lin1 = nnx.Linear(2, 4, rngs=rngs)
+        self.bn1 = jaxbn.nnx.BatchNorm(4, rngs=rngs)
+        self.lin2 = nnx.Linear(4, 3, rngs=rngs)
+        self.bn2 = jaxbn.nnx.BatchNorm(3, momentum=None, unbiased=True, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn2(self.lin2(nnx.relu(self.bn1(self.lin1(x)))))
+
+
+def test_nnx_matches_hand_computation_and_linen():
+    batches = _batches()
+    model = NNXNet(nnx.Rngs(0))
+    key = jax.random.key(2)
+    for var in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda a: isinstance(a, nnx.Variable)):
+        key, sub = jax.random.split(key)
+        var[...] = var[...] + 0.5 * jax.random.normal(sub, var.shape)
+    model.eval()
+    params = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    jaxbn.nnx.recompute_batch_stats(model, batches)
+    assert model.bn1.use_running_average is True  # modes kept
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), params)
+
+    def f(v):
+        return np.asarray(v[...], np.float64)
+
+    h1, h2 = _hand(batches, f(model.lin1.kernel), f(model.lin1.bias), f(model.bn1.scale), f(model.bn1.bias),
+                   f(model.lin2.kernel), f(model.lin2.bias))
+    np.testing.assert_allclose(model.bn1.mean[...], h1.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.bn1.var[...], h1.var(0), rtol=1e-5)
+    np.testing.assert_allclose(model.bn2.mean[...], h2.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.bn2.var[...], h2.var(0, ddof=1), rtol=1e-5)
+    assert int(model.bn2.count[...]) == len(SIZES)
+
+    # the same numbers from the Linen version with the same parameters
+    p = {"Block_0": {"Dense_0": {"kernel": model.lin1.kernel[...], "bias": model.lin1.bias[...]},
+                     "BatchNorm_0": {"scale": model.bn1.scale[...], "bias": model.bn1.bias[...]}},
+         "Dense_0": {"kernel": model.lin2.kernel[...], "bias": model.lin2.bias[...]},
+         "BatchNorm_0": {"scale": model.bn2.scale[...], "bias": model.bn2.bias[...]}}
+    v = Net().init(jax.random.key(0), batches[0], train=False)
+    out = jaxbn.linen.recompute_batch_stats(Net(), {"params": p, "batch_stats": v["batch_stats"]}, batches,
+                                            train=True)
+    np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["var"], model.bn2.var[...], rtol=1e-6)
+
+
+def test_nnx_errors():
+    with pytest.raises(ValueError, match="has no jaxbn.nnx.BatchNorm layer"):
+        jaxbn.nnx.recompute_batch_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), _batches())
+    with pytest.raises(ValueError, match="batches is empty"):
+        jaxbn.nnx.recompute_batch_stats(NNXNet(nnx.Rngs(0)), [])
+
+    class Skips(nnx.Module):
+        def __init__(self, rngs):
+            self.used = jaxbn.nnx.BatchNorm(2, rngs=rngs)
+            self.unused = jaxbn.nnx.BatchNorm(2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match="were never called"):
+        jaxbn.nnx.recompute_batch_stats(Skips(nnx.Rngs(0)), _batches())
