@@ -92,12 +92,17 @@ def local_moments(
         pm = jnp.broadcast_to(mask, x.shape)[pilot_idx]
         pn = jnp.sum(pm, axis=red, keepdims=True, dtype=jnp.float32)
         shift = jnp.sum(jnp.where(pm, pilot, 0), axis=red, keepdims=True) / jnp.maximum(pn, 1)
-    d = xs - shift
+    # The two sums are fused reductions reading x (one pass each, nothing
+    # written): x - shift is spelled differently in each (x - K, x + (-K)) so
+    # that XLA does not share, hence materialize, a full-size x - K.
+    d1 = xs - shift
+    d2 = xs + (-shift)
     if mask is not None:
-        d = jnp.where(mask, d, jnp.zeros((), dt))
+        d1 = jnp.where(mask, d1, jnp.zeros((), dt))
+        d2 = jnp.where(mask, d2, jnp.zeros((), dt))
     n = _count(mask, x.shape, red)
-    s1 = jnp.sum(d, axis=red, keepdims=True)
-    s2 = jnp.sum(_abs_sq(d), axis=red, keepdims=True)
+    s1 = jnp.sum(d1, axis=red, keepdims=True)
+    s2 = jnp.sum(_abs_sq(d2), axis=red, keepdims=True)
     safe_n = jnp.maximum(n, 1.0).astype(s2.dtype)
     delta = s1 / safe_n
     mean = jnp.where(n > 0, shift + delta, jnp.zeros((), dt))
@@ -132,6 +137,24 @@ def _is_varying(x: jax.Array, axis_name: AxisName) -> bool:
     return all(n in varying for n in names)
 
 
+def _all_gather(packed: jax.Array, axis_name: AxisName, axis_index_groups: Any) -> jax.Array:
+    """All-gathers `packed` over `axis_name`: one collective, stacked on a new leading axis."""
+    if axis_index_groups is None and _is_varying(packed, axis_name):
+        # Under shard_map, gather into a value typed as replicated (like
+        # psum's result), so the statistics can leave with out_specs=P().
+        try:
+            return lax.all_gather(packed, axis_name, to="invarying")
+        except TypeError:  # a JAX whose all_gather has no `to`
+            pass
+    if isinstance(axis_name, tuple) and axis_index_groups is None:
+        # One name at a time: one all_gather over names bound by different
+        # transformations (pmap over vmap) fails in JAX; a vmap's is free.
+        for name in reversed(axis_name):
+            packed = lax.all_gather(packed, name)
+        return packed
+    return lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
+
+
 def global_moments(
     n: jax.Array,
     mean: jax.Array,
@@ -149,18 +172,7 @@ def global_moments(
     cplx = jnp.iscomplexobj(mean)
     if strategy == "gather":
         packed = jnp.stack([n, *_pack(mean), m2])
-        if axis_index_groups is None and _is_varying(packed, axis_name):
-            # Under shard_map, gather into a value typed as replicated (like
-            # psum's result), so the statistics can leave with out_specs=P().
-            g = lax.all_gather(packed, axis_name, to="invarying")
-        elif isinstance(axis_name, tuple) and axis_index_groups is None:
-            # One name at a time: a single all_gather over names bound by
-            # different transformations (pmap over vmap) is not supported.
-            g = packed
-            for name in reversed(axis_name):
-                g = lax.all_gather(g, name)
-        else:
-            g = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
+        g = _all_gather(packed, axis_name, axis_index_groups)
         if isinstance(axis_name, tuple) and g.ndim > packed.ndim + 1:
             g = g.reshape((-1, *packed.shape))
         k = 2 if cplx else 1

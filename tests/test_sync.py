@@ -405,3 +405,22 @@ def test_linen_module_under_pmap_matches_concatenated_batch():
         return {"y": y, "mean": st["mean"], "var": st["var"], "dx": dx, "dscale": dp["scale"], "dbias": dp["bias"]}
 
     _check(jax.pmap(step, axis_name="i")(X, MASK, DY), per_device_params=True)
+
+
+def test_nnx_module_under_pmap_matches_concatenated_batch():
+    jnnx = pytest.importorskip("jaxbn.nnx")
+    from flax import nnx
+
+    model = jnnx.BatchNorm(C, axis_name="i", momentum=MOMENTUM, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def step(state, x, m):
+        model = nnx.merge(graphdef, state)
+        y = model(x, mask=m)
+        return y, model.mean[...], model.var[...]
+
+    y, mean, var = jax.pmap(step, axis_name="i", in_axes=(None, 0, 0))(state, X, MASK)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, C), ref.normalize(
+        X.reshape(-1, C), *ref.moments(X.reshape(-1, C), mask=MASK.reshape(-1, 1))[:2]), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(mean[0], EXPECTED["mean"], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(var[5], EXPECTED["var"], rtol=2e-5, atol=2e-5)
