@@ -424,3 +424,39 @@ def test_nnx_module_under_pmap_matches_concatenated_batch():
         X.reshape(-1, C), *ref.moments(X.reshape(-1, C), mask=MASK.reshape(-1, 1))[:2]), rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(mean[0], EXPECTED["mean"], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(var[5], EXPECTED["var"], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("strategy", ["gather", "psum"])
+def test_moments_under_shard_map_replicated_and_differentiable(strategy):
+    """moments() leaves shard_map as a replicated value (out_specs=P()), and autodiff goes through it."""
+    mesh = _mesh()
+    d, r = P("data"), P()
+    f = jax.shard_map(
+        lambda x, m: jaxbn.moments(x, mask=m, axis_name="data", strategy=strategy), mesh=mesh,
+        in_specs=(d, d), out_specs=jaxbn.Moments(r, r, r),
+    )
+    x, m = _put(mesh, d, X.reshape(-1, C), MASK.reshape(-1, 1))
+    got = jax.jit(f)(x, m)
+    mean, var, n = ref.moments(X.reshape(-1, C), mask=MASK.reshape(-1, 1))
+    np.testing.assert_allclose(got.mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(got.var, var, rtol=1e-5)
+    # d sum(var) / dx = 2 (x - mean) / n on valid entries, 0 elsewhere.
+    dx = jax.jit(jax.grad(lambda x: jnp.sum(f(x, m).var)))(x)
+    want = np.where(MASK.reshape(-1, 1), 2 * (X.reshape(-1, C) - mean) / n, 0.0)
+    np.testing.assert_allclose(np.asarray(dx), want, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_renorm_under_shard_map_matches_pmap():
+    stats = jaxbn.RunningStats(jnp.full(C, 2.5), jnp.full(C, 3.0), jnp.zeros((), jnp.int32))
+
+    def local(x, m, axis_name):
+        y, new = jaxbn.batch_renorm(x, stats, SCALE, BIAS, training=True, axis_name=axis_name, mask=m, r_max=1.5)
+        return y, new.mean, new.var
+
+    mesh = _mesh()
+    d, r = P("data"), P()
+    sm = jax.jit(jax.shard_map(lambda x, m: local(x, m, "data"), mesh=mesh, in_specs=(d, d), out_specs=(d, r, r)))
+    got = sm(*_put(mesh, d, X.reshape(-1, C), MASK.reshape(-1, 1)))
+    want = jax.jit(local, static_argnums=2)(X.reshape(-1, C), MASK.reshape(-1, 1), None)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
