@@ -147,24 +147,34 @@ def _fused_train(
     has_scale, has_bias = scale is not None, bias is not None
     s = scale if has_scale else jnp.ones_like(rstd)
     b = bias if has_bias else jnp.zeros_like(rstd)
-    w = mask if mask is not None else jnp.ones((1,) * x.ndim, jnp.bool_)
+    w = mask  # None: no mask, nothing materialized
     if jnp.iscomplexobj(x) or jnp.iscomplexobj(mean):
         # Complex inputs take plain autodiff through the moments (see _plain_train).
         raise AssertionError("complex inputs must use _plain_train")
 
     def tangent(x, w, mean, rstd, count, s, dx, ds, db):
+        # dy = c * dx + (x - mean) * alpha + beta with per-feature c, alpha,
+        # beta. Written so that its transpose (reverse mode) is two passes
+        # over the data: alpha and beta transpose to the reductions
+        # sum(g * (x - mean)) and sum(g) (the gradients of scale and bias come
+        # out of the same sums), the sums of dx to one elementwise pass
+        # dx = c * g + w * (a + (x - mean) * b). The two uses of x - mean are
+        # spelled differently (x - mean, x + (-mean)) so that XLA does not
+        # share, hence materialize, one full-size x - mean between them.
         dt = rstd.dtype
-        xhat = (x.astype(dt) - mean) * rstd
+        xf = x.astype(dt)
         dxf = dx.astype(dt)
-        wdx = jnp.where(w, dxf, jnp.zeros((), dt))
-        sums = psum(jnp.stack([jnp.sum(wdx, red, keepdims=True), jnp.sum(wdx * xhat, red, keepdims=True)]))
+        wdx = dxf if w is None else jnp.where(w, dxf, jnp.zeros((), dt))
+        sums = psum(jnp.stack([jnp.sum(wdx, red, keepdims=True), jnp.sum(wdx * (xf - mean), red, keepdims=True)]))
         inv_n = 1.0 / jnp.maximum(count, 1.0)
-        dxhat = rstd * (dxf - (sums[0] + xhat * sums[1]) * inv_n)
-        dy = s * dxhat
+        c = s * rstd
+        alpha = -c * rstd * rstd * sums[1] * inv_n
         if has_scale:
-            dy = dy + ds * xhat
+            alpha = alpha + ds * rstd
+        beta = -c * sums[0] * inv_n
         if has_bias:
-            dy = dy + db
+            beta = beta + db
+        dy = dxf * c + (xf + (-mean)) * alpha + beta
         return dy.astype(out_dtype)
 
     tangent_remat = jax.checkpoint(tangent)
@@ -185,7 +195,9 @@ def _fused_train(
     def stats_of_jvp(primals, tangents):
         x, w, mean, rstd, count = primals
         mean_d, rstd_d = stats_of(x, w, mean, rstd, count)
-        dx = jnp.where(w, tangents[0].astype(rstd.dtype), jnp.zeros((), rstd.dtype))
+        dx = tangents[0].astype(rstd.dtype)
+        if w is not None:
+            dx = jnp.where(w, dx, jnp.zeros((), rstd.dtype))
         centered = x.astype(rstd.dtype) - mean_d
         sums = psum(jnp.stack([jnp.sum(dx, red, keepdims=True), jnp.sum(centered * dx, red, keepdims=True)]))
         inv_n = 1.0 / jnp.maximum(count, 1.0)

@@ -1,8 +1,8 @@
 """Batch moments: the one place where jaxbn's statistics are computed.
 
 Local moments use one fused pass over `x` with a per-feature shift `K` taken
-from a small pilot slice of the batch (the first <= 8 entries along every
-reduced axis)::
+from a small pilot slice of the batch (<= 8 entries spread evenly along
+every reduced axis)::
 
     S1 = sum(w * (x - K)),  S2 = sum(w * |x - K|^2),  n = sum(w)
     mean = K + S1 / n,      M2 = S2 - |S1|^2 / n
@@ -84,7 +84,12 @@ def local_moments(
     dt = stats_dtype(x.dtype)
     xs = x.astype(dt)
     # Pilot shift: masked mean of the first few entries along every reduced axis.
-    pilot_idx = tuple(slice(0, min(_PILOT, x.shape[a])) if a in red else slice(None) for a in range(x.ndim))
+    # <= 8 entries spread evenly along every reduced axis: on a batch sharded
+    # under jax.jit they come from every shard, so XLA finds the shift with
+    # one small all-reduce instead of broadcasting the first shard's rows.
+    pilot_idx = tuple(
+        slice(0, None, -(-x.shape[a] // _PILOT)) if a in red else slice(None) for a in range(x.ndim)
+    )
     pilot = lax.stop_gradient(xs[pilot_idx])
     if mask is None:
         shift = jnp.mean(pilot, axis=red, keepdims=True)

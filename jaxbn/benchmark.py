@@ -640,7 +640,7 @@ def _parse_cases(spec: str | None, quick: bool) -> list[Case]:
     grid = QUICK_GRID if quick else GRID
     if not spec:
         return list(grid)
-    known = {c.key: c for c in (*GRID, *QUICK_GRID)}
+    known = {c.key: c for c in ((*GRID, *QUICK_GRID) if quick else (*QUICK_GRID, *GRID))}
     out = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
