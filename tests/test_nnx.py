@@ -72,11 +72,10 @@ def test_metadata_and_no_scale_bias():
 
 # ---------------------------------------------------------------- parity with flax
 
-CASES = [((16, 5), -1), ((4, 3, 3, 5), -1), ((4, 5, 3, 3), 1)]
+CASES = [((16, 5), -1, False), ((16, 5), -1, True), ((4, 3, 3, 5), -1, True), ((4, 5, 3, 3), 1, True)]
 
 
-@pytest.mark.parametrize("shape, axis", CASES, ids=["NC", "NHWC", "NCHW"])
-@pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
+@pytest.mark.parametrize("shape, axis, masked", CASES, ids=["NC", "NC-mask", "NHWC-mask", "NCHW-mask"])
 def test_matches_flax(shape, axis, masked):
     kx, km, kp = jax.random.split(jax.random.key(0), 3)
     x = 2.0 + 3.0 * jax.random.normal(kx, shape)
@@ -244,3 +243,18 @@ def test_extras_match_reference():
     assert int(bn.count[...]) == 2
     _close(bn.mean[...], (x[:6].mean(0) + 3 * x[6:].mean(0)) / 2)
     _close(bn.var[...], (np.var(x[:6], 0, ddof=1) + np.var(3 * x[6:], 0, ddof=1)) / 2, rtol=1e-5)
+
+
+def test_axis_name_under_nnx_vmap_matches_flax():
+    x = 1.0 + 2.0 * jax.random.normal(jax.random.key(5), (4, 4, 3))
+    outs = []
+    for layer in _pair(3, axis_name="b", momentum=0.0):
+
+        @nnx.vmap(in_axes=(None, 0), out_axes=0, axis_name="b")
+        def fwd(m, x):
+            return m(x)
+
+        outs.append((fwd(layer, x), nnx.state(layer, nnx.BatchStat)))
+    _close(outs[1], outs[0])
+    flat = np.asarray(x).reshape(-1, 3)
+    _close((outs[1][1]["mean"][...], outs[1][1]["var"][...]), (flat.mean(0), flat.var(0)))
