@@ -90,7 +90,7 @@ def local_moments(
     pilot_idx = tuple(
         slice(0, None, -(-x.shape[a] // _PILOT)) if a in red else slice(None) for a in range(x.ndim)
     )
-    pilot = lax.stop_gradient(xs[pilot_idx])
+    pilot = lax.stop_gradient(x[pilot_idx].astype(dt))
     if mask is None:
         shift = jnp.mean(pilot, axis=red, keepdims=True)
     else:
@@ -100,8 +100,12 @@ def local_moments(
     # The two sums are fused reductions reading x (one pass each, nothing
     # written): x - shift is spelled differently in each (x - K, x + (-K)) so
     # that XLA does not share, hence materialize, a full-size x - K.
-    d1 = xs - shift
-    d2 = xs + (-shift)
+    # With a converting input (bf16 -> f32) a convert shared with any other
+    # consumer is written out in f32 by XLA; an optimization barrier (free: no
+    # copy) gives each sum its own convert.
+    xa, xb = (xs, xs) if xs.dtype == x.dtype else (v.astype(dt) for v in lax.optimization_barrier((x, x)))
+    d1 = xa - shift
+    d2 = xb + (-shift)
     if mask is not None:
         d1 = jnp.where(mask, d1, jnp.zeros((), dt))
         d2 = jnp.where(mask, d2, jnp.zeros((), dt))

@@ -98,3 +98,23 @@ def test_main_prints_rows(table8, capsys):
     assert row["counts"] == table8["jaxbn gather"]["counts"]
     text = col.format_table(list(table8.values()))
     assert "jaxbn gather" in text and "1 all-gather" in text
+
+
+@needs8
+def test_plain_jit_on_a_sharded_batch_takes_few_collectives():
+    """No axis_name, batch sharded under jax.jit: XLA's own all-reduces, no broadcast of one shard's rows."""
+    import jaxbn
+
+    mesh = jax.make_mesh((8,), ("data",))
+    x, dy, scale, bias, _, _ = col.sync_bn_args(mesh)
+
+    def step(x, dy, scale, bias):
+        def loss(x, scale, bias):
+            y, new = jaxbn.batch_norm(x, jaxbn.init_stats(x.shape[-1]), scale, bias, training=True)
+            return jnp.sum(y * dy), new
+
+        return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
+
+    counts = col.count_collectives(step, x, dy, scale, bias)
+    assert counts["collective-permute"] == 0 and counts["all-gather"] == 0
+    assert counts["all-reduce"] <= 3
