@@ -103,7 +103,7 @@ def test_matches_flax(shape, axis, masked):
     # inference with the updated stats
     vi = {"params": v["params"], **ut}
     inf = dict(use_running_average=True)
-    _close(ours.clone(**inf).apply(vi, x), theirs.clone(**inf).apply(vi, x))
+    _close(jax.jit(ours.clone(**inf).apply)(vi, x), jax.jit(theirs.clone(**inf).apply)(vi, x))
 
 
 def test_flax_batch_norm_case():  # ported from flax's linen_test.py::test_batch_norm
@@ -255,8 +255,8 @@ def test_scan_remat_and_vmap():
         import functools
 
         m = stack(functools.partial(cls, **kw))
-        v = m.init(jax.random.key(1), None, x)
-        (_, y), upd = m.apply(v, None, x, mutable=["batch_stats"])
+        v = jax.jit(m.init)(jax.random.key(1), None, x)
+        (_, y), upd = jax.jit(lambda v, x, m=m: m.apply(v, None, x, mutable=["batch_stats"]))(v, x)
         outs.append((y, upd))
     _close(outs[1], outs[0])
 
@@ -264,8 +264,8 @@ def test_scan_remat_and_vmap():
     vm = nn.vmap(BN, in_axes=0, out_axes=0, variable_axes={"params": None, "batch_stats": None},
                  split_rngs={"params": False}, axis_name="b")
     mod = vm(use_running_average=False, axis_name="b", momentum=0.0)
-    v = mod.init(jax.random.key(0), x)
-    y, upd = mod.apply(v, x, mutable=["batch_stats"])
+    v = jax.jit(mod.init)(jax.random.key(0), x)
+    y, upd = jax.jit(lambda v, x: mod.apply(v, x, mutable=["batch_stats"]))(v, x)
     flat = x.reshape(-1, 4)
     _close(upd["batch_stats"]["mean"], flat.mean(0))
     _close(upd["batch_stats"]["var"], flat.var(0))
@@ -291,9 +291,10 @@ def test_small_cnn_trains_like_flax():
     ys = jax.random.randint(ky, (4, 8), 0, 3)
     tx = optax.sgd(0.1, momentum=0.9)
     results = []
+    # flax's variables serve both models (same tree)
+    v = jax.jit(CNN(nn.BatchNorm).init, static_argnames="train")(jax.random.key(1), xs[0], train=False)
     for norm in [nn.BatchNorm, BN]:
         model = CNN(norm if norm is BN else lambda **kw: nn.BatchNorm(use_fast_variance=False, **kw))
-        v = model.init(jax.random.key(1), xs[0], train=False)
         params, stats = v["params"], v["batch_stats"]
         opt = tx.init(params)
 
