@@ -161,8 +161,12 @@ def _fused_train(
         # dx = c * g + w * (a + (x - mean) * b). The two uses of x - mean are
         # spelled differently (x - mean, x + (-mean)) so that XLA does not
         # share, hence materialize, one full-size x - mean between them.
+        # With low-precision x or y (bf16) the converts would be shared the
+        # same way (and written out in f32): optimization barriers (free, no
+        # copy) give each reduction its own convert of x and of the cotangent.
         dt = rstd.dtype
         xf = x.astype(dt)
+        xb = xf if x.dtype == dt else lax.optimization_barrier(x).astype(dt)
         dxf = dx.astype(dt)
         wdx = dxf if w is None else jnp.where(w, dxf, jnp.zeros((), dt))
         sums = psum(jnp.stack([jnp.sum(wdx, red, keepdims=True), jnp.sum(wdx * (xf - mean), red, keepdims=True)]))
@@ -174,8 +178,14 @@ def _fused_train(
         beta = -c * sums[0] * inv_n
         if has_bias:
             beta = beta + db
-        dy = dxf * c + (xf + (-mean)) * alpha + beta
-        return dy.astype(out_dtype)
+        if jnp.dtype(out_dtype) == dt:
+            return dxf * c + (xb + (-mean)) * alpha + beta
+        # Summed in out_dtype: the transpose of each convert is then its own
+        # convert of the cotangent, behind its own barrier.
+        t_alpha, t_beta = lax.optimization_barrier(
+            (((xb + (-mean)) * alpha).astype(out_dtype), jnp.broadcast_to(beta, x.shape).astype(out_dtype))
+        )
+        return (dxf * c).astype(out_dtype) + t_alpha + t_beta
 
     tangent_remat = jax.checkpoint(tangent)
 

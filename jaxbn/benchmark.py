@@ -2,9 +2,9 @@
 
 Run ``python -m jaxbn.benchmark`` (``--help`` for the options). Every
 implementation runs side by side in one process, on the same data, with
-repetitions interleaved (round ``r`` times every implementation and mode
-once, starting from a rotating position), so a change of machine load hits
-all of them alike. For each grid row (shape, dtype) it times three jitted
+repetitions interleaved (each round times every implementation and mode
+once, in a fresh random order), so a change of machine load hits all of
+them alike. For each grid row (shape, dtype) it times three jitted
 programs:
 
 * ``train``: training forward, ``y`` and the updated running statistics;
@@ -376,11 +376,16 @@ def _progress(total: int, enabled: bool) -> Any:
     return _Null()
 
 
-def _rotations(items: Sequence[Any], reps: int) -> Iterator[list[Any]]:
-    """`reps` orderings of `items`, each starting one place further (interleaving)."""
-    for r in range(reps):
-        k = r % max(len(items), 1)
-        yield list(items[k:]) + list(items[:k])
+def _orders(items: Sequence[Any], reps: int, seed: int = 0) -> Iterator[list[Any]]:
+    """`reps` orderings of `items` (interleaving): a fresh random permutation each round.
+
+    A random order (rather than a fixed or rotated one) keeps any job from
+    always following the same other job, whose leftovers (freed memory,
+    cache, clock) would otherwise bias it the same way every round.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(reps):
+        yield [items[i] for i in rng.permutation(len(items))]
 
 
 def time_case(
@@ -409,7 +414,7 @@ def time_case(
                 bar.update(1)
             jobs.append((name, mode, call))
     times: dict[tuple[str, str], list[float]] = {(n, m): [] for n, m, _ in jobs}
-    for order in _rotations(jobs, reps):
+    for order in _orders(jobs, reps, seed):
         for name, mode, call in order:
             t0 = time.perf_counter()
             jax.block_until_ready(call())
