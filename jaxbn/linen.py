@@ -137,11 +137,16 @@ class BatchNorm(nn.Module):
             virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
         )
         if recomputing:
-            if self.is_mutable_collection(core.PRECISE_COLLECTION):
-                n, mean, m2 = core.precise_moments(
-                    x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
+            if not self.is_mutable_collection(core.PRECISE_COLLECTION):
+                raise ValueError(
+                    f"recompute_batch_stats cannot collect the moments of the BatchNorm at {'/'.join(self.path)!r}: "
+                    f"the collection {core.PRECISE_COLLECTION!r} is not mutable there; a lifted transform "
+                    "(nn.scan, nn.vmap, ...) around it must list it in variable_axes, e.g. variable_axes={True: 0}"
                 )
-                self.sow(core.PRECISE_COLLECTION, "moments", (n, mean, m2, jnp.asarray(self.unbiased)))
+            n, mean, m2 = core.precise_moments(
+                x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
+            )
+            self.sow(core.PRECISE_COLLECTION, "moments", (n, mean, m2, jnp.asarray(self.unbiased)))
         elif training and not initializing:
             ra_mean.value = new.mean
             ra_var.value = new.var

@@ -168,3 +168,26 @@ def test_nnx_errors():
 
     with pytest.raises(ValueError, match="were never called"):
         jaxbn.nnx.recompute_batch_stats(Skips(nnx.Rngs(0)), _batches())
+
+
+def _scanned(variable_axes):
+    class Body(nn.Module):
+        @nn.compact
+        def __call__(self, c, x):
+            return c, jaxbn.linen.BatchNorm(use_running_average=True)(2.0 * x)
+
+    return nn.scan(Body, variable_axes=variable_axes, split_rngs={"params": True}, in_axes=0, out_axes=0, length=3)()
+
+
+def test_linen_inside_scan():
+    xs = [jax.random.normal(jax.random.key(i), (3, n, 2)) + i for i, n in enumerate((4, 6))]
+    model = _scanned({True: 0})
+    v = model.init(jax.random.key(0), None, xs[0])
+    out = jaxbn.linen.recompute_batch_stats(model, v, [(None, x) for x in xs])
+    stats = out["batch_stats"]["BatchNorm_0"]
+    every = 2.0 * np.concatenate([np.asarray(x) for x in xs], axis=1)  # (layer, entries, features)
+    np.testing.assert_allclose(stats["mean"], every.mean(1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], every.var(1), rtol=1e-5)
+    bad = _scanned({"params": 0, "batch_stats": 0})
+    with pytest.raises(ValueError, match="must list it in variable_axes"):
+        jaxbn.linen.recompute_batch_stats(bad, bad.init(jax.random.key(0), None, xs[0]), [(None, xs[0])])
