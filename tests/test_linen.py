@@ -1,6 +1,7 @@
 """jaxbn.linen.BatchNorm: a drop-in for flax.linen.BatchNorm, plus its extras."""
 
 import dataclasses
+import doctest
 import inspect
 
 import flax.linen as nn
@@ -67,6 +68,16 @@ def test_missing_mode_raises_like_flax():
     x = jnp.ones((4, 2))
     with pytest.raises(ValueError, match="use_running_average"):
         BN().init(jax.random.key(0), x)
+
+
+def test_flax_docstring_example_runs_on_ours():
+    """flax's own BatchNorm example, with nn.BatchNorm swapped for ours, gives flax's printed results."""
+    doc = nn.BatchNorm.__doc__.replace("nn.BatchNorm(", "jaxbn.linen.BatchNorm(")
+    assert "jaxbn.linen.BatchNorm(" in doc
+    test = doctest.DocTestParser().get_doctest(doc, {"jaxbn": jaxbn}, "BatchNorm", None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.summarize(verbose=False) == (0, len(test.examples))
 
 
 # ---------------------------------------------------------------- parity with flax

@@ -1,5 +1,6 @@
 """jaxbn.nnx.BatchNorm: a drop-in for flax.nnx.BatchNorm, plus its extras."""
 
+import doctest
 import inspect
 
 import jax
@@ -68,6 +69,17 @@ def test_metadata_and_no_scale_bias():
     ref_bare = nnx.BatchNorm(3, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
     assert bare.scale is None and bare.bias is None
     assert jax.tree.structure(nnx.state(bare)) == jax.tree.structure(nnx.state(ref_bare))
+
+
+@pytest.mark.parametrize("doc_of", [nnx.BatchNorm, nnx.view, nnx.view_info], ids=lambda f: f.__name__)
+def test_flax_docstring_examples_run_on_ours(doc_of):
+    """flax's own BatchNorm examples, with nnx.BatchNorm swapped for ours, give flax's printed results."""
+    doc = doc_of.__doc__.replace("nnx.BatchNorm(", "jaxbn.nnx.BatchNorm(")
+    assert "jaxbn.nnx.BatchNorm(" in doc
+    test = doctest.DocTestParser().get_doctest(doc, {"jaxbn": jaxbn}, doc_of.__name__, None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.summarize(verbose=False) == (0, len(test.examples))
 
 
 # ---------------------------------------------------------------- parity with flax
