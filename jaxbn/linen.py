@@ -112,7 +112,13 @@ class BatchNorm(nn.Module):
         Returns:
           The normalized input, shape of `x`.
         """
-        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        initializing = self.is_initializing()
+        recomputing = core.recompute_sink() is not None and not initializing
+        if not (recomputing and self.use_running_average is None and use_running_average is None):
+            use_running_average = nn.merge_param(
+                "use_running_average", self.use_running_average, use_running_average
+            )
+        training = recomputing or not use_running_average
         core.check_options(momentum=self.momentum, virtual_batch_size=self.virtual_batch_size)
         x = core.as_float(x)
         fshape = core.module_feature_shape(x, self.axis)
@@ -124,9 +130,6 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, fshape, self.param_dtype) if self.use_bias else None
 
-        initializing = self.is_initializing()
-        recomputing = core.recompute_sink() is not None and not initializing
-        training = recomputing or not use_running_average
         count = ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32)
         stats = RunningStats(ra_mean.value, ra_var.value, count)
         y, new = core.forward(

@@ -176,14 +176,17 @@ class BatchNorm(nnx.Module):
         Returns:
           The normalized input, shape of `x`.
         """
-        use_running_average = nnx.module.first_from(use_running_average, self.use_running_average, error_msg=_NO_MODE)
+        sink = core.recompute_sink()
+        if sink is None:
+            use_running_average = nnx.module.first_from(
+                use_running_average, self.use_running_average, error_msg=_NO_MODE
+            )
+        training = sink is not None or not use_running_average
         x = core.as_float(x)
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         raw_mean, raw_var = self.mean[...], self.var[...]
         x, mean, var, scale, bias = self.promote_dtype((x, raw_mean, raw_var, scale, bias), dtype=self.dtype)
-        sink = core.recompute_sink()
-        training = sink is not None or not use_running_average
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
         y, new = core.forward(
             x, RunningStats(raw_mean, raw_var, count), scale, bias, training=training, initializing=False,

@@ -191,3 +191,14 @@ def test_linen_inside_scan():
     bad = _scanned({"params": 0, "batch_stats": 0})
     with pytest.raises(ValueError, match="must list it in variable_axes"):
         jaxbn.linen.recompute_batch_stats(bad, bad.init(jax.random.key(0), None, xs[0]), [(None, xs[0])])
+
+
+def test_layers_without_a_mode_are_recomputed():
+    x = np.asarray(_batches()[1])
+    v = jaxbn.linen.BatchNorm(use_running_average=True).init(jax.random.key(0), x)
+    out = jaxbn.linen.recompute_batch_stats(jaxbn.linen.BatchNorm(), v, [x])  # no use_running_average anywhere
+    np.testing.assert_allclose(out["batch_stats"]["var"], x.var(0), rtol=1e-5)
+    layer = jaxbn.nnx.BatchNorm(2, use_running_average=None, rngs=nnx.Rngs(0))
+    jaxbn.nnx.recompute_batch_stats(layer, [x])
+    np.testing.assert_allclose(layer.var[...], x.var(0), rtol=1e-5)
+    assert layer.use_running_average is None
