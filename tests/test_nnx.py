@@ -270,3 +270,20 @@ def test_axis_name_under_nnx_vmap_matches_flax():
     _close(outs[1], outs[0])
     flat = np.asarray(x).reshape(-1, 3)
     _close((outs[1][1]["mean"][...], outs[1][1]["var"][...]), (flat.mean(0), flat.var(0)))
+
+
+def test_orbax_round_trip_into_flax(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    x = jax.random.normal(jax.random.key(0), (8, 3)) * 2 + 1
+    ours = BN(3, momentum=0.5, rngs=nnx.Rngs(0))
+    ours(x)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ckpt", nnx.state(ours))
+        ckptr.wait_until_finished()
+        theirs = nnx.eval_shape(lambda: nnx.BatchNorm(3, rngs=nnx.Rngs(1)))
+        graphdef, abstract = nnx.split(theirs)
+        theirs = nnx.merge(graphdef, ckptr.restore(tmp_path / "ckpt", abstract))
+    _close(nnx.state(theirs), nnx.state(ours), rtol=0, atol=0)
+    theirs.eval()
+    ours.eval()
+    _close(theirs(x), ours(x))
