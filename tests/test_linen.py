@@ -410,3 +410,19 @@ def test_unbiased_and_cumulative_momentum():
     assert set(BN(use_running_average=False).init(jax.random.key(0), xs[0])["batch_stats"]) == {"mean", "var"}
     with pytest.raises(ValueError, match="momentum=1.5 is outside"):
         BN(use_running_average=False, momentum=1.5).init(jax.random.key(0), xs[0])
+
+
+@pytest.mark.parametrize("mask_shape", [(8, 3), (8, 1), (1, 3)])
+def test_ghost_batch_with_mask(mask_shape):
+    x = jax.random.normal(jax.random.key(0), (8, 3)) * 2 + 1
+    mask = np.asarray(jax.random.bernoulli(jax.random.key(1), 0.7, mask_shape))
+    mask = mask | (np.arange(mask_shape[0]) % 4 < 2).reshape(-1, 1)  # >= 2 valid entries per ghost batch
+    mod = BN(use_running_average=False, virtual_batch_size=4, momentum=0.0)
+    v = mod.init(jax.random.key(0), x)
+    y, upd = jax.jit(lambda v, x: mod.apply(v, x, mask=mask, mutable=["batch_stats"]))(v, x)
+    full = np.broadcast_to(mask, x.shape)
+    parts = [ref.moments(np.asarray(x)[g:g + 4], -1, full[g:g + 4]) for g in (0, 4)]
+    y_ref = np.concatenate([ref.normalize(np.asarray(x)[g:g + 4], m, s) for g, (m, s, _) in zip((0, 4), parts,
+                                                                                                 strict=True)])
+    _close(y, y_ref, rtol=1e-4, atol=1e-4)
+    _close(upd["batch_stats"], {"mean": np.mean([p[0] for p in parts], 0), "var": np.mean([p[1] for p in parts], 0)})
