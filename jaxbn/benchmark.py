@@ -606,6 +606,49 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables (what docs/benchmark.md shows)."""
+    names = report["implementations"]
+    rows = report["results"]
+    index = {(r["case"], r["dtype"], r["mode"], r["impl"]): r for r in rows}
+    cases = list(dict.fromkeys((r["case"], r["dtype"]) for r in rows))
+    labels = {r["case"]: f"{r['layout']} {'x'.join(map(str, r['shape']))}" for r in rows}
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        out.append(f"**{mode}**: {MODE_TITLES[mode]}. Median ms (speedup vs flax).\n")
+        out.append("| shape | dtype | " + " | ".join(names) + " | jaxbn vs best anchor |")
+        out.append("|---|---|" + "---:|" * (len(names) + 1))
+        for case, dt in cases:
+            cells = []
+            for n in names:
+                r = index.get((case, dt, mode, n))
+                cells.append("-" if r is None else f"{r['median_ms']:.2f} ({_fmt_speed(r['speedup_vs_flax'])})")
+            jb = index.get((case, dt, mode, "jaxbn"))
+            best = "-" if jb is None else _fmt_speed(jb["vs_best_anchor"])
+            if jb and jb["vs_best_anchor"] is not None and jb["vs_best_anchor"] < 1 / 1.05:
+                best = f"**{best}**"
+            out.append(f"| {labels[case]} | {dt} | " + " | ".join(cells) + f" | {best} |")
+        for dt, vals in report["summary"]["geomean_speedup_vs_flax"][mode].items():
+            out.append(f"| geomean | {dt} | " + " | ".join(_fmt_speed(vals.get(n)) for n in names) + " | |")
+        out.append("")
+    resid = report["summary"]["residual_multiple"]
+    dts = list(dict.fromkeys(r["dtype"] for r in rows))
+    out.append("**Residuals** kept for the backward pass (batch-sized arrays, multiple of x's bytes):\n")
+    out.append("| implementation | " + " | ".join(dts) + " |")
+    out.append("|---|" + "---:|" * len(dts))
+    for n in names:
+        out.append(f"| {n} | " + " | ".join(f"{resid.get(n, {}).get(d, float('nan')):.2f}x" for d in dts) + " |")
+    coll = report.get("collectives")
+    if coll and "counts" in coll:
+        out.append("")
+        out.append(f"**Collectives** in a synchronized train+grad step ({coll['devices']} devices, compiled HLO):\n")
+        out.append("| implementation | " + " | ".join(COLLECTIVE_KINDS) + " | total |")
+        out.append("|---|" + "---:|" * (len(COLLECTIVE_KINDS) + 1))
+        for n, c in coll["counts"].items():
+            out.append(f"| {n} | " + " | ".join(str(c.get(k, 0)) for k in COLLECTIVE_KINDS) + f" | {sum(c.values())} |")
+    return "\n".join(out)
+
+
 def plot(report: dict[str, Any], path: str) -> None:
     """Bar charts of the speedup vs flax per row, one panel per mode (matplotlib required)."""
     import matplotlib
@@ -733,9 +776,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes (default float32,bfloat16)")
     p.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated implementations")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes: " + ", ".join(MODES))
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per program (default 7; --quick 2)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per program (default 10; --quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after compilation (default 1)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON instead of tables")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables instead of plain text")
+    p.add_argument("--from-json", metavar="PATH", help="re-print the report saved by --json (no run)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the speedups (needs matplotlib)")
     p.add_argument("--no-collectives", action="store_true", help="skip the synchronized-step collective count")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -746,11 +791,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         names, _ = available(names)
         print(json.dumps(collectives_here(names)))
         return None
+    if opts.from_json:
+        with open(opts.from_json) as f:
+            saved = json.load(f)
+        print(format_markdown(saved) if opts.markdown else format_report(saved))
+        return saved
     modes = [m for m in opts.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
-    reps = opts.reps if opts.reps is not None else (2 if opts.quick else 7)
+    reps = opts.reps if opts.reps is not None else (2 if opts.quick else 10)
     report = run(
         _parse_cases(opts.shapes, opts.quick),
         [d for d in opts.dtypes.split(",") if d],
@@ -767,7 +817,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             plot(report, opts.plot)
         except ImportError as e:
             print(f"--plot skipped: matplotlib is not installed ({e})", file=sys.stderr)
-    print(json.dumps(report, indent=1) if opts.json else format_report(report))
+    if opts.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_markdown(report) if opts.markdown else format_report(report))
     return report
 
 

@@ -63,6 +63,8 @@ def test_table_and_plot(report, tmp_path):
     for name in report["implementations"]:
         assert name in text
     assert "geomean speedup" in text and "collectives" in text
+    md = benchmark.format_markdown(report)
+    assert md.count("| geomean |") == 3 * len(benchmark.MODES) and "**Residuals**" in md
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
     benchmark.plot(report, str(path))
