@@ -13,8 +13,8 @@ SIZES = (5, 8, 3)  # unequal batches: the statistics are count-weighted
 
 
 def _batches():
-    keys = jax.random.split(jax.random.key(0), len(SIZES))
-    return [2.0 + 3.0 * jax.random.normal(k, (n, 2)) for k, n in zip(keys, SIZES, strict=True)]
+    rng = np.random.default_rng(0)  # numpy: jax.random compiles a kernel for every new shape
+    return [(2.0 + 3.0 * rng.normal(size=(n, 2))).astype(np.float32) for n in SIZES]
 
 
 def _bn_train(h, scale, bias, eps=1e-5):
@@ -49,8 +49,8 @@ class Net(nn.Module):
 
 def _random_params(params, key):
     leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [p + 0.5 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    rng = np.random.default_rng(key)
+    noisy = [p + 0.5 * rng.normal(size=p.shape).astype(np.float32) for p in leaves]
     return jax.tree.unflatten(tree, noisy)
 
 
@@ -58,7 +58,7 @@ def test_linen_matches_hand_computation():
     batches = _batches()
     model = Net()
     v = model.init(jax.random.key(1), batches[0], train=False)
-    v = {"params": _random_params(v["params"], jax.random.key(2)), "batch_stats": v["batch_stats"]}
+    v = {"params": _random_params(v["params"], 2), "batch_stats": v["batch_stats"]}
     before = jax.tree.map(np.array, v)
     out = jaxbn.linen.recompute_batch_stats(model, v, batches, train=True)
     jax.tree.map(np.testing.assert_array_equal, v, before)  # inputs untouched
@@ -120,10 +120,9 @@ class NNXNet(nnx.Module):
 def test_nnx_matches_hand_computation_and_linen():
     batches = _batches()
     model = NNXNet(nnx.Rngs(0))
-    key = jax.random.key(2)
+    rng = np.random.default_rng(2)
     for var in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda a: isinstance(a, nnx.Variable)):
-        key, sub = jax.random.split(key)
-        var[...] = var[...] + 0.5 * jax.random.normal(sub, var.shape)
+        var[...] = var[...] + 0.5 * rng.normal(size=var.shape).astype(np.float32)
     model.eval()
     params = jax.tree.map(np.array, nnx.state(model, nnx.Param))
     jaxbn.nnx.recompute_batch_stats(model, batches)
@@ -180,7 +179,8 @@ def _scanned(variable_axes):
 
 
 def test_linen_inside_scan():
-    xs = [jax.random.normal(jax.random.key(i), (3, n, 2)) + i for i, n in enumerate((4, 6))]
+    rng = np.random.default_rng(3)
+    xs = [(rng.normal(size=(3, n, 2)) + i).astype(np.float32) for i, n in enumerate((4, 6))]
     model = _scanned({True: 0})
     v = model.init(jax.random.key(0), None, xs[0])
     out = jaxbn.linen.recompute_batch_stats(model, v, [(None, x) for x in xs])
