@@ -308,14 +308,13 @@ def _count(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
     return {k: int(v) for k, v in count_collectives(fn, *args).items()}
 
 
-def collectives_here(names: Sequence[str], per_device: int = 4, features: int = 64) -> dict[str, dict[str, int]]:
+def collectives_here(names: Sequence[str], per_device: int = 4, features: int = 64) -> dict[str, dict[str, Any]]:
     """Collectives of a synchronized training forward + backward, per implementation, on this process's devices.
 
     One layer on NHWC float32 input `(devices * per_device, 4, 4, features)`
-    sharded over a 1-D mesh axis ``"batch"`` with `jax.shard_map`.
+    sharded over a 1-D mesh axis ``"batch"`` with `jax.shard_map`. An
+    implementation that fails gets `{"error": message}` instead of counts.
     """
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     n = jax.device_count()
     if n < 2:
@@ -323,20 +322,31 @@ def collectives_here(names: Sequence[str], per_device: int = 4, features: int = 
     mesh = jax.make_mesh((n,), ("batch",))
     local = (per_device, 4, 4, features)
     rng = np.random.default_rng(0)
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for name in names:
-        layer = IMPLEMENTATIONS[name][1](local, -1, jnp.float32, "batch")
-        x = layer.prepare(jnp.asarray(rng.normal(size=(n * per_device, 4, 4, features)), jnp.float32))
-        x = jax.device_put(x, NamedSharding(mesh, P("batch")))
-        ct = jax.device_put(jnp.ones_like(x), NamedSharding(mesh, P("batch")))
-        step = programs(layer)["train+grad"]
-        d, r = P("batch"), P()
-        fn = jax.shard_map(step, mesh=mesh, in_specs=(d, r, r, d), out_specs=(d, r, d, r), check_vma=False)
-        out[name] = _count(fn, x, layer.params, layer.state, ct)
+        try:
+            out[name] = _collectives_of(name, mesh, local, rng)
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
     return out
 
 
-def collectives(names: Sequence[str], devices: int = 8, timeout: float = 600) -> dict[str, dict[str, int]]:
+def _collectives_of(name: str, mesh: Any, local: tuple[int, ...], rng: Any) -> dict[str, int]:
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n, per_device, features = mesh.size, local[0], local[-1]
+    layer = IMPLEMENTATIONS[name][1](local, -1, jnp.float32, "batch")
+    x = layer.prepare(jnp.asarray(rng.normal(size=(n * per_device, 4, 4, features)), jnp.float32))
+    x = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    ct = jax.device_put(jnp.ones_like(x), NamedSharding(mesh, P("batch")))
+    step = programs(layer)["train+grad"]
+    d, r = P("batch"), P()
+    fn = jax.shard_map(step, mesh=mesh, in_specs=(d, r, r, d), out_specs=(d, r, d, r), check_vma=False)
+    return _count(fn, x, layer.params, layer.state, ct)
+
+
+def collectives(names: Sequence[str], devices: int = 8, timeout: float = 600) -> dict[str, dict[str, Any]]:
     """`collectives_here`, in this process if it has >= 2 devices, else in a subprocess with `devices` CPU devices."""
     if jax.device_count() >= 2:
         return collectives_here(names)
@@ -388,31 +398,58 @@ def _orders(items: Sequence[Any], reps: int, seed: int = 0) -> Iterator[list[Any
         yield [items[i] for i in rng.permutation(len(items))]
 
 
+def _prepare_jobs(
+    name: str, case: Case, dt: Any, x0: jax.Array, key: jax.Array, modes: Sequence[str], warmup: int, bar: Any
+) -> tuple[list[tuple[str, str, Callable[[], Any]]], tuple[float, int]]:
+    """Builds, compiles and warms up one implementation's programs; returns them and its residuals."""
+    layer = IMPLEMENTATIONS[name][1](case.shape, case.axis, dt, None)
+    x = layer.prepare(x0)
+    progs = programs(layer)
+    y_aval = jax.eval_shape(progs["train"], x, layer.params, layer.state)[0]
+    ct = jax.random.normal(jax.random.fold_in(key, 1), y_aval.shape, jnp.float32).astype(y_aval.dtype)
+    big, small = residual_bytes(layer, x, case.shape[case.axis])
+    jobs = []
+    for mode in modes:
+        args = (x, layer.params, layer.state) + ((ct,) if mode == "train+grad" else ())
+        compiled = jax.jit(progs[mode]).lower(*args).compile()
+        call = (lambda c, a: lambda: c(*a))(compiled, args)
+        for _ in range(warmup):
+            jax.block_until_ready(call())
+            bar.update(1)
+        jobs.append((name, mode, call))
+    return jobs, (big / x.nbytes, small)
+
+
 def time_case(
-    case: Case, dtype: str, names: Sequence[str], reps: int, warmup: int, modes: Sequence[str], bar: Any, seed: int = 0
+    case: Case,
+    dtype: str,
+    names: Sequence[str],
+    reps: int,
+    warmup: int,
+    modes: Sequence[str],
+    bar: Any,
+    seed: int = 0,
+    failed: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Times every implementation and mode on one (shape, dtype), interleaved. Returns result rows."""
+    """Times every implementation and mode on one (shape, dtype), interleaved. Returns result rows.
+
+    An implementation that fails to build or compile is left out of the rows
+    and its error recorded in `failed` (re-raised when `failed` is None).
+    """
     dt = jnp.dtype(dtype)
     key = jax.random.key(seed)
     x0 = (jax.random.normal(key, case.shape, jnp.float32) * 2.0 + 0.5).astype(dt)
     jobs: list[tuple[str, str, Callable[[], Any]]] = []
     resid: dict[str, tuple[float, int]] = {}
     for name in names:
-        layer = IMPLEMENTATIONS[name][1](case.shape, case.axis, dt, None)
-        x = layer.prepare(x0)
-        progs = programs(layer)
-        y_aval = jax.eval_shape(progs["train"], x, layer.params, layer.state)[0]
-        ct = jax.random.normal(jax.random.fold_in(key, 1), y_aval.shape, jnp.float32).astype(y_aval.dtype)
-        big, small = residual_bytes(layer, x, case.shape[case.axis])
-        resid[name] = (big / x.nbytes, small)
-        for mode in modes:
-            args = (x, layer.params, layer.state) + ((ct,) if mode == "train+grad" else ())
-            compiled = jax.jit(progs[mode]).lower(*args).compile()
-            call = (lambda c, a: lambda: c(*a))(compiled, args)
-            for _ in range(warmup):
-                jax.block_until_ready(call())
-                bar.update(1)
-            jobs.append((name, mode, call))
+        try:
+            more, resid[name] = _prepare_jobs(name, case, dt, x0, key, modes, warmup, bar)
+        except Exception as e:
+            if failed is None:
+                raise
+            failed[name] = f"failed on {case.key} {dtype}: {type(e).__name__}: {e}"[:500]
+            continue
+        jobs.extend(more)
     times: dict[tuple[str, str], list[float]] = {(n, m): [] for n, m, _ in jobs}
     for order in _orders(jobs, reps, seed):
         for name, mode, call in order:
@@ -590,6 +627,9 @@ def format_report(report: dict[str, Any]) -> str:
         else:
             out.append(f"{'implementation':<14}" + "".join(f"{k:>20}" for k in COLLECTIVE_KINDS) + f"{'total':>8}")
             for n, c in coll["counts"].items():
+                if "error" in c:
+                    out.append(f"{n:<14}not measured: {c['error']}")
+                    continue
                 out.append(
                     f"{n:<14}" + "".join(f"{c.get(k, 0):>20}" for k in COLLECTIVE_KINDS) + f"{sum(c.values()):>8}"
                 )
@@ -645,6 +685,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         out.append("| implementation | " + " | ".join(COLLECTIVE_KINDS) + " | total |")
         out.append("|---|" + "---:|" * (len(COLLECTIVE_KINDS) + 1))
         for n, c in coll["counts"].items():
+            if "error" in c:
+                out.append(f"| {n} | not measured: {c['error']} |" + " |" * len(COLLECTIVE_KINDS))
+                continue
             out.append(f"| {n} | " + " | ".join(str(c.get(k, 0)) for k in COLLECTIVE_KINDS) + f" | {sum(c.values())} |")
     return "\n".join(out)
 
@@ -733,13 +776,21 @@ def run(
     total = len(cases) * len(dtypes) * len(names) * len(modes) * (reps + warmup)
     bar = _progress(total, progress)
     rows: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
     try:
         for case in cases:
             for dt in dtypes:
                 bar.set_postfix_str(f"{case.key} {dt}")
-                rows.extend(time_case(case, dt, names, reps, warmup, modes, bar))
+                live = [n for n in names if n not in failed]
+                rows.extend(time_case(case, dt, live, reps, warmup, modes, bar, failed=failed))
     finally:
         bar.close()
+    if "jaxbn" in failed:
+        raise RuntimeError(f"jaxbn itself failed: {failed['jaxbn']}")
+    # An implementation that failed anywhere is dropped everywhere (rows must be comparable).
+    names = [n for n in names if n not in failed]
+    rows = [r for r in rows if r["impl"] in names]
+    skipped.update(failed)
     report: dict[str, Any] = {
         "meta": meta,
         "config": {
