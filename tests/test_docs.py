@@ -146,3 +146,18 @@ def test_public_name_has_docstring_with_example(modname, name):
     assert ">>>" in doc, f"{modname}.{name}'s docstring has no >>> example"
     if inspect.isfunction(obj):
         assert re.search(r"^\s*(Args|Returns):", doc, flags=re.M), f"{modname}.{name}'s docstring has no Args:/Returns:"
+
+
+EXAMPLES = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_has_header_and_readme_entry(name):
+    import ast
+
+    with open(os.path.join(ROOT, "examples", name), encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    assert len(doc.splitlines()) >= 3, f"examples/{name} needs a docstring header saying what it shows"
+    assert f"examples/{name}" in doc, f"examples/{name}'s docstring should say how to run it (python examples/{name})"
+    with open(README, encoding="utf-8") as f:
+        assert f"`{name}`" in f.read(), f"examples/{name} is missing from the README's examples table"
