@@ -145,9 +145,12 @@ def _jaxbn(shape: tuple[int, ...], axis: int, dtype: Any, axis_name: str | None)
     return Layer(params, jaxbn.init_stats(c), apply)
 
 
-def _flax(fast_variance: bool) -> Builder:
+def _flax(fast_variance: bool, jaxbn_module: bool = False) -> Builder:
     def build(shape: tuple[int, ...], axis: int, dtype: Any, axis_name: str | None) -> Layer:
-        import flax.linen as nn
+        if jaxbn_module:
+            from jaxbn import linen as nn
+        else:
+            import flax.linen as nn  # type: ignore[no-redef]
 
         module = nn.BatchNorm(axis=axis, dtype=dtype, axis_name=axis_name, use_fast_variance=fast_variance)
         variables = module.init(jax.random.key(0), jnp.zeros(_small(shape, axis), dtype), use_running_average=True)
@@ -212,6 +215,7 @@ def _equinox(shape: tuple[int, ...], axis: int, dtype: Any, axis_name: str | Non
 #: name -> (module that must import, builder, description)
 IMPLEMENTATIONS: dict[str, tuple[str, Builder, str]] = {
     "jaxbn": ("jaxbn", _jaxbn, "jaxbn.batch_norm (fused closed-form derivative)"),
+    "jaxbn.linen": ("jaxbn.linen", _flax(True, jaxbn_module=True), "jaxbn.linen.BatchNorm (drop-in for flax's)"),
     "flax": ("flax", _flax(True), "flax.linen.BatchNorm (default: use_fast_variance=True)"),
     "flax-exact": ("flax", _flax(False), "flax.linen.BatchNorm(use_fast_variance=False)"),
     "haiku": ("haiku", _haiku, "haiku.BatchNorm (create_scale, create_offset)"),
