@@ -18,6 +18,14 @@ class RunningStats(NamedTuple):
       mean: feature shape, float32 (complex64 once fed complex input), starts at 0.
       var: feature shape, float32, starts at 1.
       count: int32 scalar, the number of updates applied, starts at 0.
+
+    It is a NamedTuple, so it passes through `jax.jit`, `jax.lax.scan` and
+    optimizers' tree utilities as is.
+
+    >>> import jax, jaxbn
+    >>> stats = jaxbn.init_stats(4)
+    >>> [leaf.shape for leaf in jax.tree_util.tree_leaves(stats)]
+    [(4,), (4,), ()]
     """
 
     mean: jax.Array
@@ -32,6 +40,11 @@ class Moments(NamedTuple):
       mean: feature shape, float32 (complex for complex input).
       var: feature shape, float32: the biased (population) variance E|x - mean|^2.
       count: feature shape, float32: the number of entries reduced, all devices.
+
+    >>> import jax.numpy as jnp, jaxbn
+    >>> m = jaxbn.moments(jnp.array([[0.0], [2.0], [4.0]]))
+    >>> m.mean.tolist(), m.var.tolist(), m.count.tolist()
+    ([2.0], [2.666666...], [3.0])
     """
 
     mean: jax.Array
