@@ -354,10 +354,9 @@ def collectives(names: Sequence[str], devices: int = 8, timeout: float = 600) ->
     """`collectives_here`, in this process if it has >= 2 devices, else in a subprocess with `devices` CPU devices."""
     if jax.device_count() >= 2:
         return collectives_here(names)
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    env["JAX_PLATFORMS"] = "cpu"
+    from jaxbn.collectives import cpu_devices_env
+
+    env = cpu_devices_env(devices)
     cmd = [sys.executable, "-m", "jaxbn.benchmark", "--collectives-only", "--impls", ",".join(names)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if res.returncode != 0:

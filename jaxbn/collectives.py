@@ -247,12 +247,18 @@ def sync_bn_table(impls: Sequence[str] = IMPLS, features: int = 256) -> list[dic
     return rows
 
 
-def table_in_subprocess(devices: int, impls: Sequence[str] = IMPLS, timeout: float = 300) -> list[dict[str, Any]]:
-    """`sync_bn_table` run in a fresh Python with `devices` simulated CPU devices."""
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """This process's environment for a child Python with `devices` simulated CPU devices."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def table_in_subprocess(devices: int, impls: Sequence[str] = IMPLS, timeout: float = 300) -> list[dict[str, Any]]:
+    """`sync_bn_table` run in a fresh Python with `devices` simulated CPU devices."""
+    env = cpu_devices_env(devices)
     cmd = [sys.executable, "-m", "jaxbn.collectives", "--json", "--impls", ",".join(impls)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if out.returncode != 0:

@@ -41,12 +41,13 @@ and torch tensors (on any device, with or without grad).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn._fold import _path
 from jaxbn._fold import fold_linen as fold_linen
 
 __all__ = [
@@ -341,18 +342,6 @@ def kernel_to_torch(kernel: Any) -> np.ndarray:
     return np.array(np.transpose(k, (k.ndim - 1, k.ndim - 2) + tuple(range(k.ndim - 2))))  # writable copy
 
 
-def _flax_path(p: Any) -> tuple[str, ...]:
-    if isinstance(p, str):
-        parts = tuple(s for s in p.split("/") if s)
-    elif isinstance(p, Sequence) and all(isinstance(s, str) for s in p):
-        parts = tuple(p)
-    else:
-        raise TypeError(f"flax paths must be a name, an 'a/b' path or a tuple of names, got {p!r}")
-    if not parts:
-        raise ValueError(f"empty flax path {p!r}")
-    return parts
-
-
 def _put(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
@@ -404,7 +393,7 @@ def from_torch_model(
     """
     out: dict[str, Any] = {}
     for prefix, path in mapping.items():
-        fpath = _flax_path(path)
+        fpath = _path(path, "flax path")
         sub = _prefixed(state_dict, prefix)
         if not sub:
             raise ValueError(f"no key of state_dict starts with {prefix.rstrip('.') + '.'!r}")
@@ -454,7 +443,7 @@ def to_torch_model(
     """
     out: dict[str, np.ndarray] = {}
     for prefix, path in mapping.items():
-        fpath = _flax_path(path)
+        fpath = _path(path, "flax path")
         p = prefix.rstrip(".")
         stats = _node(_get(variables, "batch_stats"), fpath)
         params = _node(_get(variables, "params"), fpath)

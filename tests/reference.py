@@ -110,3 +110,16 @@ def ghost_train(x, scale=None, bias=None, axis=-1, virtual_batch_size=1, eps=1e-
         variances.append(var)
         counts.append(n)
     return np.concatenate(ys, axis=0), np.stack(means), np.stack(variances), np.stack(counts)
+
+
+def normal(seed, shape, dtype=np.float32):
+    """Standard-normal test data from numpy (jax.random compiles a kernel for every new shape)."""
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.complexfloating):
+        return ((rng.normal(size=shape) + 1j * rng.normal(size=shape)) / np.sqrt(2)).astype(dtype)
+    return rng.normal(size=shape).astype(dtype)
+
+
+def bernoulli(seed, p, shape):
+    """A bool mask with P(True) = p."""
+    return np.random.default_rng(seed).random(shape) < p

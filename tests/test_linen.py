@@ -14,21 +14,12 @@ from flax import serialization
 
 import jaxbn.linen
 from tests import reference as ref
+from tests.reference import bernoulli as _bernoulli
+from tests.reference import normal as _normal
 
 BN = jaxbn.linen.BatchNorm
 F32 = dict(rtol=2e-5, atol=2e-5)
 
-
-def _normal(seed, shape, dtype=np.float32):
-    """Test data from numpy (jax.random compiles a kernel for every new shape)."""
-    rng = np.random.default_rng(seed)
-    if np.issubdtype(dtype, np.complexfloating):
-        return ((rng.normal(size=shape) + 1j * rng.normal(size=shape)) / np.sqrt(2)).astype(dtype)
-    return rng.normal(size=shape).astype(dtype)
-
-
-def _bernoulli(seed, p, shape):
-    return np.random.default_rng(seed).random(shape) < p
 
 
 def _fields(cls):
