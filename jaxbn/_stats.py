@@ -25,7 +25,7 @@ gathers up to `GATHER_MAX_DEVICES` participants and switches to psum above.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -119,13 +119,50 @@ def local_moments(
     return jnp.broadcast_to(n.astype(s2.dtype), m2.shape), mean, m2
 
 
-def _combine_gathered(n: jax.Array, mean: jax.Array, m2: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Chan's formula over a leading device axis."""
-    total = jnp.sum(n, axis=0)
-    safe = jnp.maximum(total, 1.0)
-    gmean = jnp.sum(n * mean, axis=0) / safe
-    gm2 = jnp.sum(m2, axis=0) + jnp.sum(n * _abs_sq(mean - gmean[None]), axis=0)
-    return total, gmean, gm2
+def chan_combine(
+    n: jax.Array,
+    mean: jax.Array,
+    m2: jax.Array,
+    total: Callable[[list[jax.Array]], list[jax.Array]] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Chan et al.'s parallel combination of per-part `(n, mean, M2)`: the one copy.
+
+    `total(vs)` sums each array of `vs` over the parts and returns values
+    that broadcast against a part: an all-reduce across devices (see
+    `global_moments`), or by default a sum over the leading axis of stacked
+    parts, keeping that axis as size 1. It is called twice: once with `n`
+    and `n * mean` (one collective when they are packed together), once with
+    the M2 terms::
+
+        N = sum n_i,  mean = sum n_i mean_i / N,
+        M2 = sum M2_i + sum n_i |mean_i - mean|^2
+
+    Args:
+      n, mean, m2: per-part counts (float), means (real or complex) and sums
+        of squared deviations; stacked on axis 0 when `total` is None.
+      total: the sum over parts (see above).
+
+    Returns:
+      `(N, mean, M2)` of the union (leading axis dropped when `total` is None).
+
+    >>> import jax.numpy as jnp
+    >>> N, mu, M2 = chan_combine(jnp.array([2.0, 3.0]), jnp.array([0.0, 5.0]), jnp.array([2.0, 2.0]))
+    >>> float(N), float(mu), float(M2)
+    (5.0, 3.0, 34.0)
+    """
+    stacked = total is None
+    reduce = _sum_over_parts if total is None else total
+    cplx = jnp.iscomplexobj(mean)
+    big_n, *sums = reduce([n, *_pack(n * mean)])
+    gmean = _unpack(sums, cplx) / jnp.maximum(big_n, 1.0)
+    (gm2,) = reduce([m2 + n * _abs_sq(mean - gmean)])
+    if stacked:
+        return big_n[0], gmean[0], gm2[0]
+    return big_n, gmean, gm2
+
+
+def _sum_over_parts(vs: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.sum(v, axis=0, keepdims=True) for v in vs]
 
 
 def _pack(mean: jax.Array) -> list[jax.Array]:
@@ -185,12 +222,12 @@ def global_moments(
         if isinstance(axis_name, tuple) and g.ndim > packed.ndim + 1:
             g = g.reshape((-1, *packed.shape))
         k = 2 if cplx else 1
-        return _combine_gathered(g[:, 0], _unpack([g[:, 1 + i] for i in range(k)], cplx), g[:, 1 + k])
-    first = lax.psum(jnp.stack([n, *_pack(n * mean)]), axis_name, axis_index_groups=axis_index_groups)
-    total = first[0]
-    gmean = _unpack(list(first[1:]), cplx) / jnp.maximum(total, 1.0)
-    gm2 = lax.psum(m2 + n * _abs_sq(mean - gmean), axis_name, axis_index_groups=axis_index_groups)
-    return total, gmean, gm2
+        return chan_combine(g[:, 0], _unpack([g[:, 1 + i] for i in range(k)], cplx), g[:, 1 + k])
+
+    def psum_packed(vs: list[jax.Array]) -> list[jax.Array]:
+        return list(lax.psum(jnp.stack(vs), axis_name, axis_index_groups=axis_index_groups))
+
+    return chan_combine(n, mean, m2, psum_packed)
 
 
 def moments_keepdims(
