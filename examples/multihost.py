@@ -13,7 +13,10 @@ processes:
 
 * with `jax.pmap` and ``axis_name="batch"`` (collectives span every process's devices);
 * with `jax.jit` on a global array built by `jax.make_array_from_process_local_data`
-  over a 4-device mesh (no axis name: XLA computes the global statistics).
+  over a 4-device mesh (no axis name: XLA computes the global statistics). The mesh
+  axis is Explicit (`jax.make_mesh`'s default from JAX 0.12 on, spelled out here), so
+  the loss takes one-hot labels: optax's integer-label cross entropy gathers along
+  the sharded batch axis, which JAX refuses there (``ShardingTypeError``).
 
 and compares both with the same steps run on one device over the whole
 global batch. Process 0 prints the result. The parent kills both children and
@@ -94,7 +97,7 @@ def worker(process_id: int, port: int) -> None:
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from jax.sharding import NamedSharding
+    from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
     from sklearn.datasets import load_digits
 
@@ -113,7 +116,8 @@ def worker(process_id: int, port: int) -> None:
 
     def loss_fn(params, stats, x, y, axis_name=None):
         logits, stats = forward(params, stats, x, axis_name)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), stats
+        # One-hot labels: elementwise, so they shard like the batch on an Explicit mesh axis.
+        return optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, 10)).mean(), stats
 
     def step_pmap(params, stats, opt_state, x, y):
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, "batch")
@@ -146,7 +150,7 @@ def worker(process_id: int, port: int) -> None:
     pmap_params, pmap_stats, _ = jax.tree.map(lambda a: np.asarray(a[0]), state)
 
     # 2) jit over a global 4-device mesh: each process contributes its local rows.
-    mesh = jax.make_mesh((n_dev,), ("data",))
+    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(AxisType.Explicit,))
     data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     j_step = jax.jit(step_global, out_shardings=replicated)
     state = jax.tree.map(lambda a: jax.make_array_from_process_local_data(replicated, np.asarray(a)), state0)

@@ -13,6 +13,14 @@ batches:
 * ``pmap local`` -- `jax.pmap` *without* ``axis_name``: every device normalizes
   with the moments of its own 4 examples (what you get when you forget sync-BN).
 
+The mesh has an *Explicit* axis (``axis_types=(AxisType.Explicit,)``, the default of
+`jax.make_mesh` from JAX 0.12 on), so the shardings are part of the types and the
+same code runs on older and newer JAX alike. Under Explicit axes an operation
+whose output sharding JAX cannot infer raises ``ShardingTypeError``: optax's
+integer-label cross entropy (a gather along the sharded batch axis) is one, so
+the loss here takes one-hot labels, which is elementwise and shards like the
+batch.
+
 All variants average gradients across devices. The table shows that the
 three synchronized variants follow the big-batch run to float32 rounding,
 while unsynchronized BN drifts away (and its running statistics, estimated
@@ -40,7 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
@@ -76,7 +84,9 @@ def forward(params, stats, x, *, training, axis_name=None):
 
 def loss_fn(params, stats, x, y, axis_name=None):
     logits, stats = forward(params, stats, x, training=True, axis_name=axis_name)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), stats
+    # One-hot labels, not softmax_cross_entropy_with_integer_labels: the latter gathers along the
+    # batch axis, which JAX refuses on a batch sharded over an Explicit mesh axis (ShardingTypeError).
+    return optax.softmax_cross_entropy(logits, jax.nn.one_hot(y, 10)).mean(), stats
 
 
 def step_on_shard(params, stats, opt_state, x, y, *, bn_axis, grad_axis):
@@ -122,7 +132,8 @@ def main() -> None:
 
     params0, stats0 = init(jax.random.key(0))
     state0 = (params0, stats0, tx.init(params0))
-    mesh = jax.make_mesh((N_DEV,), ("data",))
+    # Explicit axis type: the default from JAX 0.12 on, spelled out so every JAX version runs the same program.
+    mesh = jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Explicit,))
     replicate = lambda t: jax.tree.map(lambda a: np.broadcast_to(a, (N_DEV, *np.shape(a))), t)  # noqa: E731
     split = lambda a: a.reshape(N_DEV, PER_DEVICE, *a.shape[1:])  # noqa: E731
 
