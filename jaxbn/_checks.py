@@ -8,21 +8,26 @@ argument, the shapes involved and the fix.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+import numbers
+from collections.abc import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 Axes = int | Sequence[int]
-AxisName = Any  # a hashable name or a tuple of names
+#: A collective's axis name (bound by pmap, vmap or shard_map), a tuple of them, or None.
+AxisName = Hashable | tuple[Hashable, ...]
+#: `jax.lax.psum`'s `axis_index_groups`: a partition of the axis indices, or None.
+AxisIndexGroups = Sequence[Sequence[int]] | None
 
 
 def canonical_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...]:
     """Returns `axis` as a sorted tuple of non-negative ints, validated for `ndim`."""
     if isinstance(axis, int):
-        axes: tuple = (axis,)
+        axes: tuple[object, ...] = (axis,)
     elif isinstance(axis, Sequence):
         axes = tuple(axis)
     else:
@@ -44,7 +49,7 @@ def canonical_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, .
     return tuple(sorted(out))
 
 
-def check_input(x: Any, *, name: str = "x") -> jax.Array:
+def check_input(x: ArrayLike, *, name: str = "x") -> jax.Array:
     """Returns `x` as an array; raises TypeError unless it is floating or complex."""
     x = jnp.asarray(x)
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)):
@@ -68,7 +73,7 @@ def reduction_axes(ndim: int, feature_axes: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_feature_array(
-    value: Any, name: str, expected: tuple[int, ...], x_shape: Sequence[int], axis: Axes, hint: str = ""
+    value: ArrayLike | None, name: str, expected: tuple[int, ...], x_shape: Sequence[int], axis: Axes, hint: str = ""
 ) -> jax.Array | None:
     """Checks that a per-feature array (`scale`, `stats.mean`, ...) has the feature shape."""
     if value is None:
@@ -88,7 +93,7 @@ def check_feature_array(
     return value
 
 
-def check_mask(mask: Any, x_shape: Sequence[int]) -> jax.Array | None:
+def check_mask(mask: ArrayLike | None, x_shape: Sequence[int]) -> jax.Array | None:
     """Returns `mask` as a bool array of x's rank; raises if it does not broadcast to x."""
     if mask is None:
         return None
@@ -110,30 +115,93 @@ def check_mask(mask: Any, x_shape: Sequence[int]) -> jax.Array | None:
     return mask.reshape((1,) * (len(x_shape) - mask.ndim) + mask.shape)
 
 
-def check_momentum(momentum: Any) -> None:
-    """momentum must be None (cumulative average) or a number in [0, 1]."""
+def check_momentum(momentum: object, *, torch: bool = False) -> None:
+    """momentum must be None (cumulative average) or a real number in [0, 1].
+
+    A Python or numpy number, or a 0-d real array (a traced value passes
+    unchecked); strings such as ``'0.9'`` and bools are refused.
+
+    Args:
+      momentum: the value to check.
+      torch: whether it is PyTorch's momentum (the weight of the new batch),
+        for the hint in the message.
+
+    Raises:
+      TypeError: not a real number or None.
+      ValueError: outside [0, 1].
+
+    >>> check_momentum("0.9")
+    Traceback (most recent call last):
+    TypeError: momentum must be a float in [0, 1] or None, got '0.9'
+    """
     if momentum is None or isinstance(momentum, jax.core.Tracer):
         return
-    try:
-        m = float(momentum)
-    except TypeError as e:
-        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}") from e
-    if not 0.0 <= m <= 1.0:
-        raise ValueError(
-            f"momentum={momentum!r} is outside [0, 1]; jaxbn's momentum is the EMA decay "
-            "(new = momentum * old + (1 - momentum) * batch), so PyTorch's 0.1 is jaxbn's 0.9"
+    real_array = (
+        isinstance(momentum, np.ndarray | jax.Array)
+        and momentum.ndim == 0
+        and (jnp.issubdtype(momentum.dtype, jnp.floating) or jnp.issubdtype(momentum.dtype, jnp.integer))
+    )
+    if isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real) or real_array):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:  # type: ignore[arg-type]
+        hint = (
+            "PyTorch's momentum is the weight of the new batch (default 0.1)"
+            if torch
+            else "jaxbn's momentum is the EMA decay (new = momentum * old + (1 - momentum) * batch), "
+            "so PyTorch's 0.1 is jaxbn's 0.9"
         )
+        raise ValueError(f"momentum={momentum!r} is outside [0, 1]; {hint}")
 
 
-def check_epsilon(epsilon: Any) -> None:
+def check_virtual_batch_size(size: object) -> None:
+    """virtual_batch_size must be None or an int >= 1 (ghost batches).
+
+    >>> check_virtual_batch_size(0)
+    Traceback (most recent call last):
+    ValueError: virtual_batch_size must be None or an int >= 1, got 0
+    """
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"virtual_batch_size must be None or an int >= 1, got {size!r}")
+
+
+def check_float(value: np.ndarray | jax.Array, name: str, *, complex_ok: bool = True) -> None:
+    """Raises TypeError unless `value` (numpy or jax) has a floating (or, if allowed, complex) dtype.
+
+    >>> check_float(np.arange(3), "kernel")
+    Traceback (most recent call last):
+    TypeError: kernel must be a floating-point array, got dtype int64 with shape (3,)
+    """
+    ok = jnp.issubdtype(value.dtype, jnp.floating) or (complex_ok and jnp.issubdtype(value.dtype, jnp.complexfloating))
+    if not ok:
+        raise TypeError(f"{name} must be a floating-point array, got dtype {value.dtype} with shape {value.shape}")
+
+
+def check_module_path(path: object, what: str) -> tuple[str, ...]:
+    """A module path in a Flax variables tree: ``"Conv_0"``, ``"block1/Conv_0"`` or a tuple of names.
+
+    >>> check_module_path("block1/Conv_0", "layer path")
+    ('block1', 'Conv_0')
+    """
+    if isinstance(path, str):
+        parts = tuple(s for s in path.split("/") if s)
+    elif isinstance(path, Sequence) and all(isinstance(s, str) for s in path):
+        parts = tuple(path)
+    else:
+        raise TypeError(f"{what} must be a module name, an 'a/b' path or a tuple of names, got {path!r}")
+    if not parts:
+        raise ValueError(f"{what} must name a module, got {path!r}")
+    return parts
+
+
+def check_epsilon(epsilon: object) -> None:
     """epsilon must be a positive number."""
     if isinstance(epsilon, jax.core.Tracer):
         return
-    if not float(epsilon) > 0.0:
+    if not float(epsilon) > 0.0:  # type: ignore[arg-type]
         raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
 
 
-def axis_size(axis_name: AxisName, axis_index_groups: Any = None) -> int:
+def axis_size(axis_name: AxisName, axis_index_groups: AxisIndexGroups = None) -> int:
     """Number of participants in a collective over `axis_name`, or a clear NameError."""
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     size = 1

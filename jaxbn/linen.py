@@ -8,22 +8,38 @@ unbiased running variance and `momentum=None` (cumulative average).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax.core import FrozenDict
+from flax import traverse_util
+from flax.core import FrozenDict, unfreeze
+from flax.typing import Initializer
 from jax.nn import initializers
+from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn import _module_core as core
+from jaxbn._checks import AxisIndexGroups, AxisName
+from jaxbn._dtypes import as_float
+from jaxbn._layout import Layout
+from jaxbn._module_core import check_options, forward
+from jaxbn._recompute import PRECISE_COLLECTION, BatchMoments, batch_moments, population_stats
 from jaxbn._running import RunningStats
 
 __all__ = ["BatchNorm", "recompute_batch_stats"]
 
-Initializer = Callable[..., Any]
+# A collection no jaxbn code ever names: mutable only under `mutable=True`.
+_ANY_COLLECTION = "jaxbn_any_collection_probe"
+
+
+def _collects_moments(module: nn.Module) -> bool:
+    """Whether `recompute_batch_stats` runs this layer: PRECISE_COLLECTION is mutable by name.
+
+    `model.apply(..., mutable=True)` makes every collection mutable; that is
+    not a request to collect, so a collection nobody names must not be.
+    """
+    return module.is_mutable_collection(PRECISE_COLLECTION) and not module.is_mutable_collection(_ANY_COLLECTION)
 
 
 class BatchNorm(nn.Module):
@@ -80,14 +96,14 @@ class BatchNorm(nn.Module):
     axis: int | tuple[int, ...] = -1
     momentum: float | None = 0.99
     epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
+    dtype: DTypeLike | None = None
+    param_dtype: DTypeLike = jnp.float32
     use_bias: bool = True
     use_scale: bool = True
     bias_init: Initializer = initializers.zeros
     scale_init: Initializer = initializers.ones
-    axis_name: Any = None
-    axis_index_groups: Any = None
+    axis_name: AxisName = None
+    axis_index_groups: AxisIndexGroups = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     renorm: bool = False
@@ -97,11 +113,16 @@ class BatchNorm(nn.Module):
     unbiased: bool = False
 
     @nn.compact
-    def __call__(self, x: Any, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+    def __call__(
+        self, x: ArrayLike, use_running_average: bool | None = None, *, mask: ArrayLike | None = None
+    ) -> jax.Array:
         """Normalizes `x` with the batch's or the stored statistics.
 
         During `init` the running stats are not updated and `axis_name` is
-        not used, as in flax.
+        not used, as in flax. While `recompute_batch_stats` runs the model
+        (the collection ``"jaxbn_precise_bn"`` is mutable by name) the layer
+        normalizes with the batch moments whatever its mode, leaves its
+        running stats alone and sows the moments of `x` there.
 
         Args:
           x: the input, shape (..., features, ...).
@@ -113,15 +134,15 @@ class BatchNorm(nn.Module):
           The normalized input, shape of `x`.
         """
         initializing = self.is_initializing()
-        recomputing = core.recompute_sink() is not None and not initializing
-        if not (recomputing and self.use_running_average is None and use_running_average is None):
+        collecting = not initializing and _collects_moments(self)
+        if not (collecting and self.use_running_average is None and use_running_average is None):
             use_running_average = nn.merge_param(
                 "use_running_average", self.use_running_average, use_running_average
             )
-        training = recomputing or not use_running_average
-        core.check_options(momentum=self.momentum, virtual_batch_size=self.virtual_batch_size)
-        x = core.as_float(x)
-        fshape = core.module_feature_shape(x, self.axis)
+        training = collecting or not use_running_average
+        check_options(momentum=self.momentum, virtual_batch_size=self.virtual_batch_size)
+        x = as_float(x)
+        fshape = Layout.of(x.shape, self.axis).feature_shape
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
         ra_count = None
@@ -132,24 +153,18 @@ class BatchNorm(nn.Module):
 
         count = ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32)
         stats = RunningStats(ra_mean.value, ra_var.value, count)
-        y, new = core.forward(
+        y, new = forward(
             x, stats, scale, bias, training=training, initializing=initializing, axis=self.axis,
             momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype, renorm=self.renorm,
             renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
             virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
         )
-        if recomputing:
-            if not self.is_mutable_collection(core.PRECISE_COLLECTION):
-                raise ValueError(
-                    f"recompute_batch_stats cannot collect the moments of the BatchNorm at {'/'.join(self.path)!r}: "
-                    f"the collection {core.PRECISE_COLLECTION!r} is not mutable there; a lifted transform "
-                    "(nn.scan, nn.vmap, ...) around it must list it in variable_axes, e.g. variable_axes={True: 0}"
-                )
-            n, mean, m2 = core.precise_moments(
+        if collecting:
+            part = batch_moments(
                 x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
             )
-            self.sow(core.PRECISE_COLLECTION, "moments", (n, mean, m2, jnp.asarray(self.unbiased)))
+            self.sow(PRECISE_COLLECTION, "moments", (part, jnp.asarray(self.unbiased)))
         elif training and not initializing:
             ra_mean.value = new.mean
             ra_var.value = new.var
@@ -158,22 +173,9 @@ class BatchNorm(nn.Module):
         return y
 
 
-def _walk(tree: Mapping, path: tuple = ()) -> Iterable[tuple[tuple, tuple]]:
-    """(path, sown tuple) of every layer in a PRECISE_COLLECTION tree."""
-    for key, value in tree.items():
-        if key == "moments" and isinstance(value, tuple):
-            yield path, value
-        elif isinstance(value, Mapping):
-            yield from _walk(value, path + (key,))
-
-
-def _unfreeze(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _unfreeze(v) for k, v in tree.items()}
-    return tree
-
-
-def recompute_batch_stats(model: nn.Module, variables: Mapping, batches: Iterable[Any], **apply_kwargs: Any) -> Any:
+def recompute_batch_stats(
+    model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Any], **apply_kwargs: Any
+) -> Mapping[str, Any]:
     """Replaces every BatchNorm layer's running stats by its input's population statistics.
 
     "Precise BN" (fvcore's estimator): the model is run over `batches` with
@@ -213,38 +215,40 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping, batches: Iterabl
     >>> v['batch_stats']['mean'].tolist(), v['batch_stats']['var'].tolist()
     ([3.0], [5.0])
     """
-    mutable = ["batch_stats", core.PRECISE_COLLECTION]
+    mutable = ["batch_stats", PRECISE_COLLECTION]
 
-    def run(v: Any, args: tuple) -> Any:
+    def run(v: Mapping[str, Any], args: tuple[Any, ...]) -> Mapping[str, Any]:
         _, state = model.apply(v, *args, mutable=mutable, **apply_kwargs)
-        return state.get(core.PRECISE_COLLECTION, {})
+        return state.get(PRECISE_COLLECTION, {})
 
     run_jit = jax.jit(run)
-    parts: dict[tuple, list] = {}
+    parts: dict[tuple[str, ...], list[BatchMoments]] = {}
+    unbiased: dict[tuple[str, ...], bool] = {}
     n_batches = 0
-    with core.recomputing({}):
-        for batch in batches:
-            args = batch if isinstance(batch, tuple) else (batch,)
-            sown = jax.device_get(run_jit(variables, args))
-            for path, sown_values in _walk(sown):
-                parts.setdefault(path, []).extend(sown_values)
-            n_batches += 1
+    for batch in batches:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        for path, sown in traverse_util.flatten_dict(run_jit(variables, args)).items():
+            layer = path[:-1]  # (..., module, "moments") -> the module's path
+            for part, flag in sown:
+                parts.setdefault(layer, []).append(part)
+                unbiased[layer] = unbiased.get(layer, False) or bool(jnp.any(flag))
+        n_batches += 1
     if n_batches == 0:
         raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")
     if not parts:
         raise ValueError(
-            f"no jaxbn.linen.BatchNorm layer ran in {type(model).__name__}: recompute_batch_stats only "
-            "recomputes jaxbn's layers (flax.linen.BatchNorm layers do not report their moments)"
+            f"no jaxbn.linen.BatchNorm layer reported its moments in {type(model).__name__}: "
+            "recompute_batch_stats only recomputes jaxbn's layers (flax.linen.BatchNorm layers do not report "
+            f"their moments), and a lifted transform (nn.scan, nn.vmap, ...) around them must list the collection "
+            f"{PRECISE_COLLECTION!r} in variable_axes, e.g. variable_axes={{True: 0}}"
         )
-    new_stats = _unfreeze(variables.get("batch_stats", {}))
-    for path, values in parts.items():
-        node = new_stats
-        for key in path:
-            node = node[key]
-        unbiased = bool(np.any([np.asarray(v[3]) for v in values]))
-        mean, var = core.population_stats(values, node["mean"], node["var"], unbiased=unbiased)
-        node["mean"], node["var"] = jnp.asarray(mean), jnp.asarray(var)
-        if "count" in node:
-            node["count"] = jnp.full(np.shape(node["count"]), n_batches, jnp.int32)
-    out = {**variables, "batch_stats": new_stats}
+    stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
+    for layer, layer_parts in parts.items():
+        mean, var = population_stats(
+            layer_parts, stats[layer + ("mean",)], stats[layer + ("var",)], unbiased=unbiased[layer]
+        )
+        stats[layer + ("mean",)], stats[layer + ("var",)] = mean, var
+        if layer + ("count",) in stats:
+            stats[layer + ("count",)] = jnp.asarray(n_batches, jnp.int32)
+    out = {**variables, "batch_stats": traverse_util.unflatten_dict(stats)}
     return FrozenDict(out) if isinstance(variables, FrozenDict) else out

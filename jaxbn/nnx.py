@@ -17,8 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
+from flax.typing import Initializer
+from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn import _module_core as core
+from jaxbn._checks import AxisIndexGroups, AxisName
+from jaxbn._dtypes import as_float
+from jaxbn._module_core import check_options, forward
+from jaxbn._recompute import BatchMoments, batch_moments, population_stats
 from jaxbn._running import RunningStats
 
 __all__ = ["BatchNorm", "recompute_batch_stats"]
@@ -37,7 +42,11 @@ _NO_MODE = (
 )
 
 
-def _assign(var: nnx.Variable, value: jax.Array) -> None:
+class PreciseMoments(nnx.Intermediate):
+    """The `BatchMoments` a layer sows while `recompute_batch_stats` runs the model."""
+
+
+def _assign(var: nnx.Variable[jax.Array], value: jax.Array) -> None:
     """var[...] = value, replacing the array when the dtype changes (a complex running mean)."""
     old = var[...]
     if old.shape == value.shape and old.dtype == value.dtype:
@@ -88,6 +97,10 @@ class BatchNorm(nnx.Module):
         is split into groups of this size, each normalized with its own
         moments; the running stats take the mean of the groups' moments.
       unbiased: store the unbiased batch variance (var * n / (n - 1)).
+      collect_moments: precise-BN mode, set by `recompute_batch_stats`
+        through ``nnx.view(model, collect_moments=True)``: normalize with the
+        batch moments whatever `use_running_average` says, leave the running
+        stats alone and sow the input's moments (a `PreciseMoments`).
 
     >>> import jax.numpy as jnp, jaxbn.nnx
     >>> from flax import nnx
@@ -108,14 +121,14 @@ class BatchNorm(nnx.Module):
         axis: int = -1,
         momentum: float | None = 0.99,
         epsilon: float = 1e-5,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Callable[..., Any] = _ZEROS,
-        scale_init: Callable[..., Any] = _ONES,
-        axis_name: Any = None,
-        axis_index_groups: Any = None,
+        bias_init: Initializer = _ZEROS,
+        scale_init: Initializer = _ONES,
+        axis_name: AxisName = None,
+        axis_index_groups: AxisIndexGroups = None,
         use_fast_variance: bool = True,
         promote_dtype: Callable[..., Any] = dtypes.promote_dtype,
         rngs: nnx.Rngs,
@@ -126,8 +139,9 @@ class BatchNorm(nnx.Module):
         renorm_d_max: float = 5.0,
         virtual_batch_size: int | None = None,
         unbiased: bool = False,
+        collect_moments: bool = False,
     ):
-        core.check_options(momentum=momentum, virtual_batch_size=virtual_batch_size)
+        check_options(momentum=momentum, virtual_batch_size=virtual_batch_size)
         feature_shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
@@ -163,8 +177,11 @@ class BatchNorm(nnx.Module):
         self.renorm_d_max = renorm_d_max
         self.virtual_batch_size = virtual_batch_size
         self.unbiased = unbiased
+        self.collect_moments = collect_moments
 
-    def __call__(self, x: Any, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+    def __call__(
+        self, x: ArrayLike, use_running_average: bool | None = None, *, mask: ArrayLike | None = None
+    ) -> jax.Array:
         """Normalizes `x` with the batch's or the stored statistics.
 
         Args:
@@ -176,31 +193,29 @@ class BatchNorm(nnx.Module):
         Returns:
           The normalized input, shape of `x`.
         """
-        sink = core.recompute_sink()
-        if sink is None:
+        if not self.collect_moments:
             use_running_average = nnx.module.first_from(
                 use_running_average, self.use_running_average, error_msg=_NO_MODE
             )
-        training = sink is not None or not use_running_average
-        x = core.as_float(x)
+        training = self.collect_moments or not use_running_average
+        x = as_float(x)
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         raw_mean, raw_var = self.mean[...], self.var[...]
         x, mean, var, scale, bias = self.promote_dtype((x, raw_mean, raw_var, scale, bias), dtype=self.dtype)
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
-        y, new = core.forward(
+        y, new = forward(
             x, RunningStats(raw_mean, raw_var, count), scale, bias, training=training, initializing=False,
             axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype, renorm=self.renorm,
             renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
             virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased, inference_stats=(mean, var),
         )
-        if sink is not None:
-            sink.setdefault(id(self), []).append(
-                core.precise_moments(
-                    x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
-                )
+        if self.collect_moments:
+            part = batch_moments(
+                x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
             )
+            self.sow(PreciseMoments, "precise_moments", part)
         elif training:
             _assign(self.mean, jax.lax.stop_gradient(new.mean))
             _assign(self.var, jax.lax.stop_gradient(new.var))
@@ -208,18 +223,21 @@ class BatchNorm(nnx.Module):
                 self.count[...] = new.count
         return y
 
-    def set_view(self, use_running_average: bool | None = None) -> None:
+    def set_view(self, use_running_average: bool | None = None, collect_moments: bool | None = None) -> None:
         """Class method used by ``nnx.view``.
 
         Args:
           use_running_average: if True, the stored batch statistics will be
             used instead of computing the batch statistics on the input.
+          collect_moments: precise-BN mode (see the class docstring).
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+        if collect_moments is not None:
+            self.collect_moments = collect_moments
 
 
-def _layers(model: Any) -> list[BatchNorm]:
+def _layers(model: nnx.Module) -> list[BatchNorm]:
     return [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
 
 
@@ -234,6 +252,9 @@ def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> None:
     biased variance about it (times N / (N - 1) for `unbiased=True` layers);
     a `count` becomes the number of batches. Nothing else in the model
     changes: parameters, other modules' state and the layers' modes are kept.
+    The model runs as ``nnx.view(model, collect_moments=True)``, a view whose
+    layers are in precise-BN mode, so `nnx.jit` inside the model traces that
+    mode apart from the others.
 
     Args:
       model: an NNX model containing `jaxbn.nnx.BatchNorm` layers.
@@ -253,35 +274,33 @@ def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> None:
     layers = _layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no jaxbn.nnx.BatchNorm layer to recompute")
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(nnx.view(model, only=BatchNorm, collect_moments=True))
 
-    def run(state: Any, args: tuple) -> dict[int, list]:
-        copy = nnx.merge(graphdef, state)
-        index = {id(m): i for i, m in enumerate(_layers(copy))}
-        sink: dict[int, list] = {}
-        with core.recomputing(sink):
-            copy(*args)
-        return {index[k]: v for k, v in sink.items()}
+    def run(state: nnx.State, args: tuple[Any, ...]) -> list[tuple[BatchMoments, ...]]:
+        collecting = nnx.merge(graphdef, state)
+        _, sown = nnx.capture(lambda m, *a: m(*a), PreciseMoments)(collecting, *args)
+        by_path = {path[:-1]: tuple(var.get_value()) for path, var in nnx.to_flat_state(sown)}
+        return [by_path.get(path, ()) for path, m in nnx.iter_modules(collecting) if isinstance(m, BatchNorm)]
 
     run_jit = jax.jit(run)
-    parts: dict[int, list] = {}
+    parts: list[list[BatchMoments]] = [[] for _ in layers]
     n_batches = 0
     for batch in batches:
         args = batch if isinstance(batch, tuple) else (batch,)
-        for i, values in jax.device_get(run_jit(state, args)).items():
-            parts.setdefault(i, []).extend(values)
+        for layer_parts, sown in zip(parts, run_jit(state, args), strict=True):
+            layer_parts.extend(sown)
         n_batches += 1
     if n_batches == 0:
         raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")
-    missing = [i for i in range(len(layers)) if i not in parts]
+    missing = sum(not p for p in parts)
     if missing:
         raise ValueError(
-            f"{len(missing)} jaxbn.nnx.BatchNorm layer(s) of {type(model).__name__} were never called on the "
+            f"{missing} jaxbn.nnx.BatchNorm layer(s) of {type(model).__name__} were never called on the "
             "batches; recompute_batch_stats needs every layer to see the data"
         )
-    for i, layer in enumerate(layers):
-        mean, var = core.population_stats(parts[i], layer.mean[...], layer.var[...], unbiased=layer.unbiased)
-        _assign(layer.mean, jnp.asarray(mean))
-        _assign(layer.var, jnp.asarray(var))
+    for layer, layer_parts in zip(layers, parts, strict=True):
+        mean, var = population_stats(layer_parts, layer.mean[...], layer.var[...], unbiased=layer.unbiased)
+        _assign(layer.mean, mean)
+        _assign(layer.var, var)
         if layer.momentum is None:
             layer.count[...] = jnp.asarray(n_batches, jnp.int32)

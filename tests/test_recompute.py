@@ -102,7 +102,7 @@ def test_linen_errors():
     with pytest.raises(ValueError, match="batches is empty"):
         jaxbn.linen.recompute_batch_stats(Net(), v, [], train=True)
     dense = nn.Dense(2)
-    with pytest.raises(ValueError, match="no jaxbn.linen.BatchNorm layer ran in Dense"):
+    with pytest.raises(ValueError, match="no jaxbn.linen.BatchNorm layer reported its moments in Dense"):
         jaxbn.linen.recompute_batch_stats(dense, dense.init(jax.random.key(0), x), [x])
 
 
@@ -189,7 +189,7 @@ def test_linen_inside_scan():
     np.testing.assert_allclose(stats["mean"], every.mean(1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["var"], every.var(1), rtol=1e-5)
     bad = _scanned({"params": 0, "batch_stats": 0})
-    with pytest.raises(ValueError, match="must list it in variable_axes"):
+    with pytest.raises(ValueError, match="must list the collection .jaxbn_precise_bn. in variable_axes"):
         jaxbn.linen.recompute_batch_stats(bad, bad.init(jax.random.key(0), None, xs[0]), [(None, xs[0])])
 
 
