@@ -202,3 +202,77 @@ def test_layers_without_a_mode_are_recomputed():
     jaxbn.nnx.recompute_batch_stats(layer, [x])
     np.testing.assert_allclose(layer.var[...], x.var(0), rtol=1e-5)
     assert layer.use_running_average is None
+
+
+# Recompute mode is part of what the model's transforms trace (Linen: the mutable collections; NNX: a
+# static attribute of the layers), so a jit inside the model can never replay a trace of the other mode.
+
+
+def _ema(old, x, momentum=0.99):
+    x = np.asarray(x, np.float64)
+    return momentum * old[0] + (1 - momentum) * x.mean(0), momentum * old[1] + (1 - momentum) * x.var(0)
+
+
+class _LinenJitted(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        inner = nn.jit(jaxbn.linen.BatchNorm)(use_running_average=not train, use_scale=False, use_bias=False)
+        return inner(x)
+
+
+def test_linen_nn_jit_inside_the_model_traces_each_mode():
+    batches = _batches()
+    model = _LinenJitted()
+    v = model.init(jax.random.key(0), batches[0], train=True)
+    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1])
+
+    def stats(v):
+        return tuple(np.asarray(v["batch_stats"]["JitBatchNorm_0"][k], np.float64) for k in ("mean", "var"))
+
+    v = {**v, **step(v, batches[0])}  # a training trace exists before recompute
+    np.testing.assert_allclose(stats(v), _ema((np.zeros(2), np.ones(2)), batches[0]), rtol=1e-5, atol=1e-6)
+    v = jaxbn.linen.recompute_batch_stats(model, v, batches, train=True)
+    every = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_allclose(stats(v), (every.mean(0), every.var(0)), rtol=1e-5, atol=1e-6)
+    after = {**v, **step(v, batches[1])}  # the same jitted step trains again
+    np.testing.assert_allclose(stats(after), _ema(stats(v), batches[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_linen_mutable_true_is_not_recompute_mode():
+    x = _batches()[0]
+    bn = jaxbn.linen.BatchNorm(use_running_average=False, use_scale=False, use_bias=False)
+    v = bn.init(jax.random.key(0), x)
+    _, state = bn.apply(v, x, mutable=True)
+    assert "jaxbn_precise_bn" not in state
+    np.testing.assert_allclose(state["batch_stats"]["mean"], _ema((np.zeros(2), np.ones(2)), x)[0], rtol=1e-5)
+
+
+@nnx.jit
+def _jitted_call(layer, x):
+    return layer(x)
+
+
+class _NNXJitted(nnx.Module):
+    def __init__(self, rngs):
+        self.bn = jaxbn.nnx.BatchNorm(2, use_scale=False, use_bias=False, rngs=rngs)
+
+    def __call__(self, x):
+        return _jitted_call(self.bn, x)
+
+
+def test_nnx_jit_inside_the_model_traces_each_mode():
+    batches = _batches()
+    model = _NNXJitted(nnx.Rngs(0))
+
+    def stats():
+        return tuple(np.asarray(v[...], np.float64) for v in (model.bn.mean, model.bn.var))
+
+    model(batches[0])  # a training trace of _jitted_call exists before recompute
+    np.testing.assert_allclose(stats(), _ema((np.zeros(2), np.ones(2)), batches[0]), rtol=1e-5, atol=1e-6)
+    jaxbn.nnx.recompute_batch_stats(model, batches)
+    every = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_allclose(stats(), (every.mean(0), every.var(0)), rtol=1e-5, atol=1e-6)
+    assert model.bn.collect_moments is False
+    before = stats()
+    model(batches[1])  # the same nnx.jit function trains again
+    np.testing.assert_allclose(stats(), _ema(before, batches[1]), rtol=1e-5, atol=1e-6)
