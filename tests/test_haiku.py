@@ -135,7 +135,8 @@ def test_matches_haiku_over_steps(layout):
     assert jax.tree.map(lambda a: (a.shape, a.dtype), (params, state)) == jax.tree.map(
         lambda a: (a.shape, a.dtype), (h_params, h_state)
     )
-    jax.tree.map(lambda a, b: close(a, b, 2e-5), (steps, state, y_eval, y_local), (h_steps, h_state, h_y_eval, h_y_local))
+    ours_values, haiku_values = (steps, state, y_eval, y_local), (h_steps, h_state, h_y_eval, h_y_local)
+    jax.tree.map(lambda a, b: close(a, b, 2e-5), ours_values, haiku_values)
     jax.tree.map(np.testing.assert_array_equal, state_after, state)  # test_local_stats updates nothing
     # And both against the float64 definition: the EMA of the batch moments, and the outputs.
     feat = feature_axis
