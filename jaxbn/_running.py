@@ -93,11 +93,18 @@ def update_stats(
         new = old + (batch - old) / (count + 1)
 
     `unbiased=True` stores `var * n / (n - 1)` (PyTorch's running_var rule).
-    Features whose `moments.count` is 0 (all masked) keep their old values;
-    `count` goes up by one on every call. `stats` is not modified.
+
+    Nothing can poison the state: a feature whose batch has no valid entry
+    (`moments.count == 0`) or whose batch mean or variance is not finite
+    (inf/NaN, e.g. an overflowing mixed-precision step that the optimizer
+    will skip) keeps its old `mean` and `var`. `count` goes up by one only
+    when at least one feature was updated, so an entirely masked or entirely
+    non-finite batch is a no-op and `momentum=None` stays the exact average
+    of the batches that contributed. `stats` is not modified; the result
+    keeps the dtypes of `stats` (a complex batch mean makes `mean` complex).
 
     Args:
-      stats: the current `RunningStats`.
+      stats: the current `RunningStats`, feature shape (F...).
       moments: batch `Moments` with the same feature shape.
       momentum: EMA decay in [0, 1], or None for the cumulative average.
       unbiased: store the unbiased batch variance.
@@ -105,11 +112,15 @@ def update_stats(
     Returns:
       The updated `RunningStats`.
 
+    Raises:
+      ValueError: for a bad `momentum` or mismatched feature shapes.
+      TypeError: for a non-numeric `momentum`.
+
     >>> import jax.numpy as jnp, jaxbn
-    >>> m = jaxbn.Moments(jnp.array([2.0]), jnp.array([4.0]), jnp.array([5.0]))
-    >>> new = jaxbn.update_stats(jaxbn.init_stats(1), m, momentum=0.5)
+    >>> m = jaxbn.Moments(jnp.array([2.0, jnp.nan]), jnp.array([4.0, 1.0]), jnp.array([5.0, 5.0]))
+    >>> new = jaxbn.update_stats(jaxbn.init_stats(2), m, momentum=0.5)
     >>> new.mean.tolist(), new.var.tolist(), int(new.count)
-    ([1.0], [2.5], 1)
+    ([1.0, 0.0], [2.5, 1.0], 1)
     """
     check_momentum(momentum)
     if stats.mean.shape != moments.mean.shape or stats.var.shape != moments.var.shape:
@@ -117,21 +128,27 @@ def update_stats(
             f"stats has feature shape {stats.mean.shape} but moments has {moments.mean.shape}; "
             "build stats with jaxbn.init_stats(feature_shape) for the same features"
         )
-    n = jnp.asarray(moments.count)
-    batch_var = moments.var
+    n = jnp.asarray(moments.count).astype(jnp.float32)
+    batch_mean, batch_var = moments.mean, moments.var.astype(jnp.float32)
+    # Arithmetic in at least float32 whatever the stored dtype (bf16 stats stay bf16 on the way out).
+    mean_dt = jnp.promote_types(jnp.promote_types(stats.mean.dtype, jnp.float32), batch_mean.dtype)
+    old_mean, old_var = stats.mean.astype(mean_dt), stats.var.astype(jnp.float32)
+    batch_mean = batch_mean.astype(mean_dt)
     if unbiased:
         batch_var = jnp.where(n > 1, batch_var * n / jnp.maximum(n - 1, 1), batch_var)
     if momentum is None:
         weight = 1.0 / (stats.count.astype(jnp.float32) + 1.0)
-        new_mean = stats.mean + (moments.mean - stats.mean) * weight
-        new_var = stats.var + (batch_var - stats.var) * weight
+        new_mean = old_mean + (batch_mean - old_mean) * weight.astype(mean_dt)
+        new_var = old_var + (batch_var - old_var) * weight
     else:
-        new_mean = momentum * stats.mean + (1.0 - momentum) * moments.mean
-        new_var = momentum * stats.var + (1.0 - momentum) * batch_var
-    valid = n > 0
-    mean_dtype = jnp.result_type(stats.mean, moments.mean)
+        new_mean = momentum * old_mean + (1.0 - momentum) * batch_mean
+        new_var = momentum * old_var + (1.0 - momentum) * batch_var
+    updated = (n > 0) & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+    out_mean_dt = stats.mean.dtype if not jnp.iscomplexobj(batch_mean) else jnp.promote_types(
+        stats.mean.dtype, jnp.complex64
+    )
     return RunningStats(
-        mean=jnp.where(valid, new_mean, stats.mean).astype(mean_dtype),
-        var=jnp.where(valid, new_var, stats.var).astype(stats.var.dtype),
-        count=stats.count + 1,
+        mean=jnp.where(updated, new_mean, old_mean).astype(out_mean_dt),
+        var=jnp.where(updated, new_var, old_var).astype(stats.var.dtype),
+        count=jnp.asarray(stats.count) + jnp.any(updated).astype(jnp.asarray(stats.count).dtype),
     )

@@ -43,6 +43,7 @@ from jaxbn._checks import (
     reduction_axes,
 )
 from jaxbn._running import Moments
+from jaxbn._xla import separate_converts, spelled_apart
 
 #: Largest number of participants for which `strategy="auto"` all-gathers the
 #: per-device moments (one collective) instead of two all-reduces.
@@ -55,6 +56,10 @@ Strategy = Literal["auto", "gather", "psum"]
 def stats_dtype(dtype: Any) -> Any:
     """The dtype statistics are computed in: at least float32, complex kept."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _real(dt: jnp.dtype) -> jnp.dtype:
+    return jnp.finfo(dt).dtype
 
 
 def _abs_sq(z: jax.Array) -> jax.Array:
@@ -73,50 +78,78 @@ def _count(mask: jax.Array | None, shape: Sequence[int], red: Sequence[int]) -> 
     return jnp.sum(mask, axis=summed, keepdims=True, dtype=jnp.float32) * implicit
 
 
+def _pilot_shift(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt: jnp.dtype) -> jax.Array:
+    """A per-feature shift from <= 8 valid entries spread along every reduced axis (0 if none is valid).
+
+    Spread over the batch, so that on a batch sharded under `jax.jit` the
+    pilot comes from every shard (one small all-reduce instead of a
+    broadcast of the first shard's rows).
+    """
+    idx = tuple(slice(0, None, -(-x.shape[a] // _PILOT)) if a in red else slice(None) for a in range(x.ndim))
+    pilot = lax.stop_gradient(x[idx].astype(dt))
+    if mask is None:
+        return jnp.mean(pilot, axis=red, keepdims=True)
+    pm = jnp.broadcast_to(mask, x.shape)[idx]
+    pn = jnp.sum(pm, axis=red, keepdims=True, dtype=jnp.float32)
+    return jnp.sum(jnp.where(pm, pilot, jnp.zeros((), dt)), axis=red, keepdims=True) / jnp.maximum(pn, 1).astype(dt)
+
+
+def _shifted_sums(
+    x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, shift: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """S1 = sum(w (x - K)) and S2 = sum(w |x - K|^2): one fused read of `x`, nothing full-size written."""
+    dt = shift.dtype
+    xa, xb = separate_converts(x, dt)
+    d1 = xa - shift
+    d2 = spelled_apart(xb, shift)
+    if mask is not None:
+        d1 = jnp.where(mask, d1, jnp.zeros((), dt))
+        d2 = jnp.where(mask, d2, jnp.zeros((), dt))
+    return jnp.sum(d1, axis=red, keepdims=True), jnp.sum(_abs_sq(d2), axis=red, keepdims=True)
+
+
+#: A first pass whose shift K lies more than sqrt(_CANCELLATION) standard deviations from the mean
+#: (sum |x - K|^2 > _CANCELLATION * M2) is redone about the mean it found. Below that the float32
+#: cancellation error of M2 = S2 - S1^2 / n is at most ~_CANCELLATION * 2^-24 ~ 2e-5 relative.
+_CANCELLATION = 256.0
+
+
 def local_moments(
     x: jax.Array, red: tuple[int, ...], mask: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(n, mean, M2) of `x` over the axes `red` on this device, keepdims.
 
+    One pass of shifted sums about a pilot shift `K` (see the module
+    docstring). Its accuracy depends on `K` being near the data, which no
+    pilot can promise (a mask may hide every pilot entry; the batch may
+    drift), so the pass checks its own error bound: if any feature's
+    `sum |x - K|^2` exceeds `_CANCELLATION * M2`, a second pass about the
+    mean just found (now within the data) replaces the sums. Under `jit`
+    that pass runs only when needed (`lax.cond`); under `vmap` with a
+    per-example predicate JAX evaluates both branches.
+
     `n` and `M2` are float32 (or wider), `mean` has the statistics dtype;
     features with n == 0 get mean 0 and M2 0.
     """
     dt = stats_dtype(x.dtype)
-    xs = x.astype(dt)
-    # Pilot shift: masked mean of the first few entries along every reduced axis.
-    # <= 8 entries spread evenly along every reduced axis: on a batch sharded
-    # under jax.jit they come from every shard, so XLA finds the shift with
-    # one small all-reduce instead of broadcasting the first shard's rows.
-    pilot_idx = tuple(
-        slice(0, None, -(-x.shape[a] // _PILOT)) if a in red else slice(None) for a in range(x.ndim)
-    )
-    pilot = lax.stop_gradient(x[pilot_idx].astype(dt))
-    if mask is None:
-        shift = jnp.mean(pilot, axis=red, keepdims=True)
-    else:
-        pm = jnp.broadcast_to(mask, x.shape)[pilot_idx]
-        pn = jnp.sum(pm, axis=red, keepdims=True, dtype=jnp.float32)
-        shift = jnp.sum(jnp.where(pm, pilot, 0), axis=red, keepdims=True) / jnp.maximum(pn, 1)
-    # The two sums are fused reductions reading x (one pass each, nothing
-    # written): x - shift is spelled differently in each (x - K, x + (-K)) so
-    # that XLA does not share, hence materialize, a full-size x - K.
-    # With a converting input (bf16 -> f32) a convert shared with any other
-    # consumer is written out in f32 by XLA; an optimization barrier (free: no
-    # copy) gives each sum its own convert.
-    xa, xb = (xs, xs) if xs.dtype == x.dtype else (v.astype(dt) for v in lax.optimization_barrier((x, x)))
-    d1 = xa - shift
-    d2 = xb + (-shift)
-    if mask is not None:
-        d1 = jnp.where(mask, d1, jnp.zeros((), dt))
-        d2 = jnp.where(mask, d2, jnp.zeros((), dt))
     n = _count(mask, x.shape, red)
-    s1 = jnp.sum(d1, axis=red, keepdims=True)
-    s2 = jnp.sum(_abs_sq(d2), axis=red, keepdims=True)
-    safe_n = jnp.maximum(n, 1.0).astype(s2.dtype)
-    delta = s1 / safe_n
-    mean = jnp.where(n > 0, shift + delta, jnp.zeros((), dt))
-    m2 = jnp.maximum(s2 - _abs_sq(s1) / safe_n, 0.0)
-    return jnp.broadcast_to(n.astype(s2.dtype), m2.shape), mean, m2
+    safe_n = jnp.maximum(n, 1.0).astype(_real(dt))
+
+    def moments_about(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        s1, s2 = _shifted_sums(x, red, mask, shift)
+        mean = shift + s1 / safe_n
+        m2 = jnp.maximum(s2 - _abs_sq(s1) / safe_n, 0.0)
+        return mean, m2, s2
+
+    mean, m2, s2 = moments_about(_pilot_shift(x, red, mask, dt))
+    cancelled = jnp.any(s2 > _CANCELLATION * m2)
+    mean, m2 = lax.cond(
+        cancelled,
+        lambda: moments_about(lax.stop_gradient(mean))[:2],
+        lambda: (mean, m2),
+    )
+    mean = jnp.where(n > 0, mean, jnp.zeros((), dt))
+    return jnp.broadcast_to(n.astype(m2.dtype), m2.shape), mean, m2
 
 
 def chan_combine(

@@ -1,0 +1,44 @@
+"""Keeping XLA from writing full-size temporaries that a fused reduction does not need.
+
+Two reductions of the same elementwise expression (``sum(x - K)`` and
+``sum((x - K)**2)``; the two backward sums) each fuse into a kernel that
+reads `x` once and writes only per-feature results. When both consume ONE
+shared HLO value, XLA's fusion pass instead computes that value once and
+writes it to memory for both readers, e.g. (bf16 input)::
+
+    %convert = f32[32,56,56,64] convert(bf16[32,56,56,64] %x)      # written out: 2x x's bytes
+    %r1 = f32[64] reduce(%convert, ...), to_apply=add
+    %r2 = f32[64] reduce(multiply(%convert, %convert), ...)
+
+The helpers below make the readers' expressions distinct values, so each
+reduction keeps its own fused convert/subtract and nothing full-size is
+written. They change no value.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import DTypeLike
+
+
+def separate_converts(x: jax.Array, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
+    """Two copies of `x.astype(dtype)` that XLA will not merge into one written convert.
+
+    Without a convert there is nothing to share and `x` is returned twice.
+    With one (bf16 -> f32), an optimization barrier (free: no copy, no
+    kernel) separates the two converts so each fuses into its own consumer.
+    """
+    if x.dtype == jnp.dtype(dtype):
+        return x, x
+    a, b = lax.optimization_barrier((x, x))
+    return a.astype(dtype), b.astype(dtype)
+
+
+def spelled_apart(x: jax.Array, k: jax.Array) -> jax.Array:
+    """`x - k` spelled as `x + (-k)`: the same value, but not CSE'd with a plain `x - k`.
+
+    Use it for the second of two consumers of `x - k` (see the module docstring).
+    """
+    return x + (-k)
