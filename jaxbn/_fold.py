@@ -12,23 +12,24 @@ collapse into one layer::
     kernel' = kernel * m             (scaled along the output-feature axes)
     bias'   = (bias - mean) * m + bn_bias
 
-`fold` does this for one layer; `fold_linen` for every (layer, batch norm)
-pair of a Flax Linen model's variables (also public as
-`jaxbn.interop.fold_linen`).
+`fold` does this for one layer (`jaxbn.interop.fold_linen` does it for every
+(layer, batch norm) pair of a Flax Linen model's variables).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
-from jaxbn._checks import check_epsilon
+from jaxbn._checks import check_epsilon, check_float
+from jaxbn._running import RunningStats
 
-__all__ = ["fold", "fold_linen"]
+__all__ = ["fold"]
 
 _LAYOUTS = (
     "the kernel's last axis (or, for a multi-axis feature shape F, its last len(F) axes) must be the "
@@ -37,7 +38,7 @@ _LAYOUTS = (
 )
 
 
-def _stats_arrays(stats: Any) -> tuple[jax.Array, jax.Array]:
+def _stats_arrays(stats: RunningStats | Mapping[str, ArrayLike]) -> tuple[jax.Array, jax.Array]:
     if isinstance(stats, Mapping):
         if "mean" not in stats or "var" not in stats:
             raise TypeError(
@@ -55,17 +56,10 @@ def _stats_arrays(stats: Any) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(mean), jnp.asarray(var)
 
 
-def _check_float(value: jax.Array, name: str) -> None:
-    if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.complexfloating)):
-        raise TypeError(
-            f"{name} must be a floating-point array, got dtype {value.dtype} with shape {value.shape}"
-        )
-
-
 def fold(
     kernel: jax.typing.ArrayLike,
     bias: jax.typing.ArrayLike | None,
-    stats: Any,
+    stats: RunningStats | Mapping[str, ArrayLike],
     scale: jax.typing.ArrayLike | None = None,
     bn_bias: jax.typing.ArrayLike | None = None,
     *,
@@ -127,10 +121,10 @@ def fold(
     """
     check_epsilon(epsilon)
     kernel = jnp.asarray(kernel)
-    _check_float(kernel, "kernel")
+    check_float(kernel, "kernel")
     mean, var = _stats_arrays(stats)
-    _check_float(mean, "stats.mean")
-    _check_float(var, "stats.var")
+    check_float(mean, "stats.mean")
+    check_float(var, "stats.var")
     if jnp.iscomplexobj(var):
         raise TypeError(f"stats.var must be real, got dtype {var.dtype}")
     fshape = tuple(mean.shape)
@@ -152,11 +146,11 @@ def fold(
             f"output features on its last {'axis' if k == 1 else f'{k} axes'}; {_LAYOUTS}"
         )
 
-    def feat(value: Any, name: str) -> jax.Array | None:
+    def feat(value: ArrayLike | None, name: str) -> jax.Array | None:
         if value is None:
             return None
         value = jnp.asarray(value)
-        _check_float(value, name)
+        check_float(value, name)
         if value.shape != fshape:
             raise ValueError(
                 f"{name} has shape {value.shape} but the kernel of shape {kernel.shape} has "
@@ -185,7 +179,7 @@ def fold(
     if bn_bias_ is not None:
         new_bias = new_bias + bn_bias_.astype(jnp.result_type(real_dt, bn_bias_.dtype))
 
-    def out_dtype(base: Any, value: jax.Array) -> Any:
+    def out_dtype(base: np.dtype, value: jax.Array) -> np.dtype:
         if jnp.iscomplexobj(value) and not jnp.issubdtype(base, jnp.complexfloating):
             return jnp.promote_types(base, jnp.complex64)
         return base
@@ -193,149 +187,3 @@ def fold(
     kernel_dtype = out_dtype(kernel.dtype, new_kernel)
     bias_dtype = out_dtype(bias_.dtype if bias_ is not None else kernel.dtype, new_bias)
     return new_kernel.astype(kernel_dtype), new_bias.astype(bias_dtype)
-
-
-Path = str | Sequence[str]
-
-
-def _path(p: Any, what: str) -> tuple[str, ...]:
-    if isinstance(p, str):
-        parts = tuple(s for s in p.split("/") if s)
-    elif isinstance(p, Sequence) and all(isinstance(s, str) for s in p):
-        parts = tuple(p)
-    else:
-        raise TypeError(f"{what} must be a module name, an 'a/b' path or a tuple of names, got {p!r}")
-    if not parts:
-        raise ValueError(f"{what} must name a module, got {p!r}")
-    return parts
-
-
-def _to_dict(tree: Any) -> Any:
-    """A nested copy with plain dicts (FrozenDicts unfrozen), leaves shared."""
-    if isinstance(tree, Mapping):
-        return {k: _to_dict(v) for k, v in tree.items()}
-    return tree
-
-
-def _get(tree: Mapping, path: tuple[str, ...], collection: str) -> Any:
-    node: Any = tree
-    for i, name in enumerate(path):
-        if not isinstance(node, Mapping) or name not in node:
-            have = sorted(node) if isinstance(node, Mapping) else []
-            where = "/".join(path[:i]) or "the top level"
-            raise KeyError(
-                f"{'/'.join(path)!r} is not in variables[{collection!r}]: no {name!r} under {where} "
-                f"(found {have})"
-            )
-        node = node[name]
-    return node
-
-
-def _pop(tree: dict, path: tuple[str, ...]) -> None:
-    """Removes tree[path] if present, and every dict left empty on the way up."""
-    nodes = [tree]
-    for name in path[:-1]:
-        nxt = nodes[-1].get(name)
-        if not isinstance(nxt, dict):
-            return
-        nodes.append(nxt)
-    nodes[-1].pop(path[-1], None)
-    for parent, name in zip(reversed(nodes[:-1]), reversed(path[:-1]), strict=True):
-        child = parent.get(name)
-        if isinstance(child, dict) and not child:
-            del parent[name]
-
-
-def fold_linen(
-    variables: Mapping[str, Any],
-    pairs: Sequence[tuple[Path, Path]],
-    *,
-    epsilon: float = 1e-5,
-) -> dict[str, Any]:
-    """Folds each Linen batch norm into the Dense or Conv before it, over a whole model.
-
-    Each pair names a layer (a ``Dense``, ``DenseGeneral`` or ``Conv``: params
-    ``kernel`` and optionally ``bias``) and the batch norm applied to its output
-    (``flax.linen.BatchNorm`` or ``jaxbn.linen.BatchNorm`` over the last axis:
-    params ``scale``/``bias`` as present, ``batch_stats`` ``mean``/``var``).
-    Names are module paths as in the variables tree: ``"Conv_0"``,
-    ``"block1/Conv_0"`` or ``("block1", "Conv_0")``.
-
-    The result holds the variables of the same model built WITHOUT those
-    batch norms and with ``use_bias=True`` on the folded layers: each layer's
-    ``kernel`` and ``bias`` are folded (a bias is created where the layer had
-    none), the batch norms' ``params`` and ``batch_stats`` entries are
-    removed (and collections or modules left empty with them). Other entries
-    and collections are kept as they are. ``variables`` is not modified.
-
-    Args:
-      variables: the model's variables, ``{'params': ..., 'batch_stats': ...}``.
-      pairs: ``[(layer_path, bn_path), ...]``.
-      epsilon: the batch norms' epsilon (flax's default 1e-5).
-
-    Returns:
-      The folded variables, a plain (nested) dict.
-
-    Raises:
-      KeyError: a path that is not in the variables.
-      ValueError: a layer or batch norm named twice, or shapes that do not fold (see `fold`).
-
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> from jaxbn.interop import fold_linen
-    >>> with_bn = nn.Sequential([nn.Dense(3, use_bias=False), nn.BatchNorm(use_running_average=True)])
-    >>> x = jnp.ones((2, 4))
-    >>> variables = with_bn.init(jax.random.key(0), x)
-    >>> folded = fold_linen(variables, [("layers_0", "layers_1")])
-    >>> sorted(folded), sorted(folded["params"]["layers_0"])
-    (['params'], ['bias', 'kernel'])
-    >>> y = nn.Sequential([nn.Dense(3)]).apply(folded, x)
-    >>> bool(jnp.allclose(y, with_bn.apply(variables, x), atol=1e-5))
-    True
-    """
-    check_epsilon(epsilon)
-    if not isinstance(variables, Mapping) or "params" not in variables:
-        raise TypeError(
-            "variables must be a flax variables mapping with a 'params' collection, got "
-            f"{type(variables).__name__}"
-            + (f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else "")
-        )
-    out = _to_dict(variables)
-    params = out["params"]
-    batch_stats = out.get("batch_stats", {})
-    seen: set[tuple[str, ...]] = set()
-    folded: list[tuple[tuple[str, ...], tuple[str, ...], jax.Array, jax.Array]] = []
-    for pair in pairs:
-        if isinstance(pair, str) or len(pair) != 2:
-            raise TypeError(f"each pair must be (layer_path, bn_path), got {pair!r}")
-        layer = _path(pair[0], "layer path")
-        bn = _path(pair[1], "batch-norm path")
-        for p in (layer, bn):
-            if p in seen:
-                raise ValueError(f"{'/'.join(p)!r} appears in more than one pair")
-            seen.add(p)
-        layer_params = _get(params, layer, "params")
-        if not isinstance(layer_params, Mapping) or "kernel" not in layer_params:
-            have = sorted(layer_params) if isinstance(layer_params, Mapping) else type(layer_params).__name__
-            raise ValueError(f"layer {'/'.join(layer)!r} has no 'kernel' param (found {have}); name a Dense or Conv")
-        stats = _get(batch_stats, bn, "batch_stats")
-        bn_params: Mapping = {}
-        try:
-            bn_params = _get(params, bn, "params")
-        except KeyError:  # use_scale=False and use_bias=False: no params
-            pass
-        try:
-            kernel, bias = fold(
-                layer_params["kernel"], layer_params.get("bias"), stats,
-                bn_params.get("scale"), bn_params.get("bias"), epsilon=epsilon,
-            )
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"folding {'/'.join(bn)!r} into {'/'.join(layer)!r}: {e}") from e
-        folded.append((layer, bn, kernel, bias))
-    for layer, bn, kernel, bias in folded:
-        node = _get(params, layer, "params")
-        node["kernel"], node["bias"] = kernel, bias
-        _pop(params, bn)
-        _pop(batch_stats, bn)
-    if "batch_stats" in out and not out["batch_stats"]:
-        del out["batch_stats"]
-    return out

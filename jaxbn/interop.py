@@ -41,14 +41,17 @@ and torch tensors (on any device, with or without grad).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from jax.typing import DTypeLike
 
-from jaxbn._fold import _path
-from jaxbn._fold import fold_linen as fold_linen
+from jaxbn._checks import check_epsilon, check_float, check_module_path, check_momentum
+from jaxbn._fold import fold
 
 __all__ = [
     "fold_linen",
@@ -64,8 +67,13 @@ __all__ = [
 
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
+#: A module's path in a variables tree: ``"Conv_0"``, ``"block1/Conv_0"`` or ``("block1", "Conv_0")``.
+ModulePath = str | Sequence[str]
+#: A path in a variables tree as `flax.traverse_util.flatten_dict` spells it.
+_Key = tuple[str, ...]
 
-def _numpy(value: Any, name: str) -> np.ndarray:
+
+def _numpy(value: object, name: str) -> np.ndarray:
     """np.asarray of a numpy / jax array or a torch tensor (detached, moved to CPU)."""
     if hasattr(value, "detach"):
         value = value.detach()
@@ -80,26 +88,15 @@ def _numpy(value: Any, name: str) -> np.ndarray:
 
 
 def _float(value: np.ndarray, name: str) -> np.ndarray:
-    if not np.issubdtype(value.dtype, np.floating):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {value.dtype} with shape {value.shape}")
+    check_float(value, name, complex_ok=False)
     return value
 
 
-def _prefixed(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def _prefixed(state: Mapping[str, object], prefix: str) -> dict[str, object]:
     if not prefix:
         return dict(state)
     p = prefix if prefix.endswith(".") else prefix + "."
     return {k[len(p) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(p)}
-
-
-def _check_momentum(m: Any, name: str) -> float | None:
-    if m is None:
-        return None
-    if isinstance(m, bool) or not isinstance(m, int | float | np.floating | np.integer):
-        raise TypeError(f"{name} must be a float in [0, 1] or None, got {m!r}")
-    if not 0.0 <= float(m) <= 1.0:
-        raise ValueError(f"{name}={m!r} is outside [0, 1]")
-    return float(m)
 
 
 def torch_momentum_to_jaxbn(momentum: float | None) -> float | None:
@@ -118,8 +115,8 @@ def torch_momentum_to_jaxbn(momentum: float | None) -> float | None:
     >>> torch_momentum_to_jaxbn(0.1), torch_momentum_to_jaxbn(None)
     (0.9, None)
     """
-    m = _check_momentum(momentum, "momentum")
-    return None if m is None else 1.0 - m
+    check_momentum(momentum, torch=True)
+    return None if momentum is None else 1.0 - float(momentum)
 
 
 def jaxbn_momentum_to_torch(momentum: float | None) -> float | None:
@@ -137,15 +134,15 @@ def jaxbn_momentum_to_torch(momentum: float | None) -> float | None:
     >>> round(jaxbn_momentum_to_torch(0.99), 6), jaxbn_momentum_to_torch(None)
     (0.01, None)
     """
-    m = _check_momentum(momentum, "momentum")
-    return None if m is None else 1.0 - m
+    check_momentum(momentum)
+    return None if momentum is None else 1.0 - float(momentum)
 
 
 def from_torch(
-    state: Mapping[str, Any],
+    state: Mapping[str, object],
     *,
     prefix: str = "",
-    dtype: Any = jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     count: bool = False,
 ) -> dict[str, Any]:
     """A PyTorch BatchNorm state dict -> jaxbn/Flax variables.
@@ -222,12 +219,8 @@ def from_torch(
     return out
 
 
-def _get(tree: Mapping, key: str) -> Any:
-    return tree[key] if isinstance(tree, Mapping) and key in tree else None
-
-
 def to_torch(
-    variables: Mapping[str, Any], *, num_batches_tracked: int | None = None, dtype: Any = np.float32
+    variables: Mapping[str, Any], *, num_batches_tracked: int | None = None, dtype: DTypeLike = np.float32
 ) -> dict[str, np.ndarray]:
     """jaxbn/Flax batch-norm variables -> a PyTorch BatchNorm state dict (numpy arrays).
 
@@ -265,15 +258,15 @@ def to_torch(
     """
     if not isinstance(variables, Mapping):
         raise TypeError(f"variables must be a mapping of collections, got {type(variables).__name__}")
-    stats, params = _get(variables, "batch_stats"), _get(variables, "params") or {}
-    if stats is None or _get(stats, "mean") is None or _get(stats, "var") is None:
+    stats, params = variables.get("batch_stats"), variables.get("params") or {}
+    if not isinstance(stats, Mapping) or stats.get("mean") is None or stats.get("var") is None:
         raise ValueError(
             "variables must hold batch_stats/mean and batch_stats/var of one batch norm, got "
             f"collections {sorted(variables)}" + (f" with batch_stats keys {sorted(stats)}" if stats else "")
         )
     arrays = {"running_mean": _numpy(stats["mean"], "mean"), "running_var": _numpy(stats["var"], "var")}
     for old, new in (("scale", "weight"), ("bias", "bias")):
-        if _get(params, old) is not None:
+        if params.get(old) is not None:
             arrays[new] = _numpy(params[old], old)
     for k, v in arrays.items():
         if np.iscomplexobj(v):
@@ -292,13 +285,13 @@ def to_torch(
     keys = ("weight", "bias", "running_mean", "running_var")
     out: dict[str, np.ndarray] = {k: np.array(arrays[k], dtype) for k in keys if k in arrays}  # writable copies
     if num_batches_tracked is None:
-        c = _get(stats, "count")
+        c = stats.get("count")
         num_batches_tracked = 0 if c is None else int(_numpy(c, "count"))
     out["num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
     return out
 
 
-def kernel_from_torch(weight: Any) -> np.ndarray:
+def kernel_from_torch(weight: object) -> np.ndarray:
     """A PyTorch Linear or Conv weight -> the flax kernel layout.
 
     ``Linear`` ``(out, in)`` -> ``(in, out)``; ``ConvNd`` ``(out, in // groups,
@@ -322,7 +315,7 @@ def kernel_from_torch(weight: Any) -> np.ndarray:
     return np.array(np.transpose(w, tuple(range(2, w.ndim)) + (1, 0)))  # a contiguous, writable copy
 
 
-def kernel_to_torch(kernel: Any) -> np.ndarray:
+def kernel_to_torch(kernel: object) -> np.ndarray:
     """A flax Dense or Conv kernel -> the PyTorch Linear/ConvNd weight layout (inverse of `kernel_from_torch`).
 
     Args:
@@ -342,22 +335,142 @@ def kernel_to_torch(kernel: Any) -> np.ndarray:
     return np.array(np.transpose(k, (k.ndim - 1, k.ndim - 2) + tuple(range(k.ndim - 2))))  # writable copy
 
 
-def _put(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
+def _flat(tree: Mapping[str, Any]) -> dict[_Key, Any]:
+    """`tree` flattened by path (empty modules kept, so that they survive a round trip)."""
+    return traverse_util.flatten_dict(tree, keep_empty_nodes=True)
 
 
-def _node(tree: Any, path: tuple[str, ...]) -> Any:
-    for name in path:
-        if not isinstance(tree, Mapping) or name not in tree:
-            return None
-        tree = tree[name]
-    return tree
+def _plain(tree: object) -> object:
+    """A nested copy with plain dicts (FrozenDicts unfrozen), leaves shared."""
+    return traverse_util.unflatten_dict(_flat(tree)) if isinstance(tree, Mapping) else tree
+
+
+def _under(flat: Mapping[_Key, Any], path: _Key) -> dict[_Key, Any]:
+    """The entries of a flattened tree strictly under `path`, keyed relative to it."""
+    n = len(path)
+    return {k[n:]: v for k, v in flat.items() if len(k) > n and k[:n] == path}
+
+
+def _without(flat: Mapping[_Key, Any], path: _Key) -> dict[_Key, Any]:
+    """A flattened tree without `path` and everything under it (parents left empty disappear)."""
+    n = len(path)
+    return {k: v for k, v in flat.items() if k[:n] != path}
+
+
+def _subtree(flat: Mapping[_Key, Any], path: _Key, collection: str) -> object:
+    """The module (nested dict) or leaf at `path` of a flattened collection, or a KeyError saying where it stops."""
+    if path in flat:
+        return flat[path]
+    below = _under(flat, path)
+    if below:
+        return traverse_util.unflatten_dict(below)
+    for i, name in enumerate(path):
+        have = sorted({k[i] for k in flat if len(k) > i and k[:i] == path[:i]})
+        if name not in have:
+            where = "/".join(path[:i]) or "the top level"
+            raise KeyError(
+                f"{'/'.join(path)!r} is not in variables[{collection!r}]: no {name!r} under {where} (found {have})"
+            )
+    raise KeyError(f"{'/'.join(path)!r} is not in variables[{collection!r}]")
+
+
+def fold_linen(
+    variables: Mapping[str, Any],
+    pairs: Sequence[tuple[ModulePath, ModulePath]],
+    *,
+    epsilon: float = 1e-5,
+) -> dict[str, Any]:
+    """Folds each Linen batch norm into the Dense or Conv before it, over a whole model.
+
+    Each pair names a layer (a ``Dense``, ``DenseGeneral`` or ``Conv``: params
+    ``kernel`` and optionally ``bias``) and the batch norm applied to its output
+    (``flax.linen.BatchNorm`` or ``jaxbn.linen.BatchNorm`` over the last axis:
+    params ``scale``/``bias`` as present, ``batch_stats`` ``mean``/``var``).
+    Names are module paths as in the variables tree: ``"Conv_0"``,
+    ``"block1/Conv_0"`` or ``("block1", "Conv_0")``.
+
+    The result holds the variables of the same model built WITHOUT those
+    batch norms and with ``use_bias=True`` on the folded layers: each layer's
+    ``kernel`` and ``bias`` are folded (a bias is created where the layer had
+    none), the batch norms' ``params`` and ``batch_stats`` entries are
+    removed (and collections or modules left empty with them). Other entries
+    and collections are kept as they are. ``variables`` is not modified.
+
+    Args:
+      variables: the model's variables, ``{'params': ..., 'batch_stats': ...}``.
+      pairs: ``[(layer_path, bn_path), ...]``.
+      epsilon: the batch norms' epsilon (flax's default 1e-5).
+
+    Returns:
+      The folded variables, a plain (nested) dict.
+
+    Raises:
+      KeyError: a path that is not in the variables.
+      ValueError: a layer or batch norm named twice, or shapes that do not fold (see `fold`).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from jaxbn.interop import fold_linen
+    >>> with_bn = nn.Sequential([nn.Dense(3, use_bias=False), nn.BatchNorm(use_running_average=True)])
+    >>> x = jnp.ones((2, 4))
+    >>> variables = with_bn.init(jax.random.key(0), x)
+    >>> folded = fold_linen(variables, [("layers_0", "layers_1")])
+    >>> sorted(folded), sorted(folded["params"]["layers_0"])
+    (['params'], ['bias', 'kernel'])
+    >>> y = nn.Sequential([nn.Dense(3)]).apply(folded, x)
+    >>> bool(jnp.allclose(y, with_bn.apply(variables, x), atol=1e-5))
+    True
+    """
+    check_epsilon(epsilon)
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError(
+            "variables must be a flax variables mapping with a 'params' collection, got "
+            f"{type(variables).__name__}"
+            + (f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else "")
+        )
+    params, stats = _flat(variables["params"]), _flat(variables.get("batch_stats", {}))
+    seen: set[_Key] = set()
+    folded: list[tuple[_Key, _Key, jax.Array, jax.Array]] = []
+    for pair in pairs:
+        if isinstance(pair, str) or len(pair) != 2:
+            raise TypeError(f"each pair must be (layer_path, bn_path), got {pair!r}")
+        layer = check_module_path(pair[0], "layer path")
+        bn = check_module_path(pair[1], "batch-norm path")
+        for p in (layer, bn):
+            if p in seen:
+                raise ValueError(f"{'/'.join(p)!r} appears in more than one pair")
+            seen.add(p)
+        layer_params = _subtree(params, layer, "params")
+        if not isinstance(layer_params, Mapping) or "kernel" not in layer_params:
+            have = sorted(layer_params) if isinstance(layer_params, Mapping) else type(layer_params).__name__
+            raise ValueError(f"layer {'/'.join(layer)!r} has no 'kernel' param (found {have}); name a Dense or Conv")
+        bn_stats = _subtree(stats, bn, "batch_stats")
+        bn_params = _under(params, bn)  # empty for use_scale=False and use_bias=False
+        try:
+            kernel, bias = fold(
+                layer_params["kernel"], layer_params.get("bias"), bn_stats,  # type: ignore[arg-type]
+                bn_params.get(("scale",)), bn_params.get(("bias",)), epsilon=epsilon,  # type: ignore[arg-type]
+            )
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"folding {'/'.join(bn)!r} into {'/'.join(layer)!r}: {e}") from e
+        folded.append((layer, bn, kernel, bias))
+    for layer, bn, kernel, bias in folded:
+        params[layer + ("kernel",)], params[layer + ("bias",)] = kernel, bias
+        params, stats = _without(params, bn), _without(stats, bn)
+    out = {name: _plain(tree) for name, tree in variables.items()}
+    out["params"] = traverse_util.unflatten_dict(params)
+    if stats:
+        out["batch_stats"] = traverse_util.unflatten_dict(stats)
+    else:
+        out.pop("batch_stats", None)
+    return out
 
 
 def from_torch_model(
-    state_dict: Mapping[str, Any], mapping: Mapping[str, Any], *, dtype: Any = jnp.float32, count: bool = False
+    state_dict: Mapping[str, object],
+    mapping: Mapping[str, ModulePath],
+    *,
+    dtype: DTypeLike = jnp.float32,
+    count: bool = False,
 ) -> dict[str, Any]:
     """Several modules of a PyTorch state dict -> flax variables, by module name.
 
@@ -391,15 +504,15 @@ def from_torch_model(
     >>> v["params"]["Dense_0"]["kernel"].shape, sorted(v["batch_stats"]["BatchNorm_0"])
     ((3, 4), ['mean', 'var'])
     """
-    out: dict[str, Any] = {}
+    out: dict[_Key, Any] = {}
     for prefix, path in mapping.items():
-        fpath = _path(path, "flax path")
+        fpath = check_module_path(path, "flax path")
         sub = _prefixed(state_dict, prefix)
         if not sub:
             raise ValueError(f"no key of state_dict starts with {prefix.rstrip('.') + '.'!r}")
         if "running_mean" in sub or "running_var" in sub:
             for collection, value in from_torch(sub, dtype=dtype, count=count).items():
-                _put(out.setdefault(collection, {}), fpath, value)
+                out.update({(collection, *fpath, *k): v for k, v in _flat(value).items()})
             continue
         weight = sub.get("weight")
         shape = getattr(weight, "shape", None)
@@ -411,12 +524,12 @@ def from_torch_model(
         layer = {"kernel": jnp.asarray(kernel_from_torch(weight), dtype)}
         if sub.get("bias") is not None:
             layer["bias"] = jnp.asarray(_float(_numpy(sub["bias"], "bias"), "bias"), dtype)
-        _put(out.setdefault("params", {}), fpath, layer)
-    return out
+        out.update({("params", *fpath, k): v for k, v in layer.items()})
+    return traverse_util.unflatten_dict(out)
 
 
 def to_torch_model(
-    variables: Mapping[str, Any], mapping: Mapping[str, Any], *, dtype: Any = np.float32
+    variables: Mapping[str, Any], mapping: Mapping[str, ModulePath], *, dtype: DTypeLike = np.float32
 ) -> dict[str, np.ndarray]:
     """Flax variables -> a PyTorch state dict, by module name (inverse of `from_torch_model`).
 
@@ -442,12 +555,12 @@ def to_torch_model(
     {'fc.weight': (4, 3), 'fc.bias': (4,)}
     """
     out: dict[str, np.ndarray] = {}
+    trees = {name: _flat(variables.get(name) or {}) for name in ("batch_stats", "params")}
     for prefix, path in mapping.items():
-        fpath = _path(path, "flax path")
+        fpath = check_module_path(path, "flax path")
         p = prefix.rstrip(".")
-        stats = _node(_get(variables, "batch_stats"), fpath)
-        params = _node(_get(variables, "params"), fpath)
-        if stats is not None:
+        stats, params = (traverse_util.unflatten_dict(_under(trees[name], fpath)) for name in trees)
+        if stats:
             sd = to_torch({"params": params or {}, "batch_stats": stats}, dtype=dtype)
         elif isinstance(params, Mapping) and "kernel" in params:
             sd = {"weight": np.asarray(kernel_to_torch(params["kernel"]), dtype)}

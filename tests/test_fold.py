@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxbn
-from jaxbn._fold import fold_linen
+from jaxbn.interop import fold_linen
 from tests import reference as ref
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import jaxbn
 from jaxbn import interop
-from jaxbn._fold import fold_linen
+from jaxbn.interop import fold_linen
 
 # --- torch's BatchNorm2d, written in float64 numpy from its documented semantics ---------------------------
 
