@@ -7,8 +7,22 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
 
 from jaxbn._checks import check_momentum
+
+
+def stats_dtype(dtype: DTypeLike) -> np.dtype:
+    """The dtype statistics are computed in: at least float32 (complex kept), never a promotion error.
+
+    >>> stats_dtype(jnp.bfloat16), stats_dtype(jnp.complex64)
+    (dtype('float32'), dtype('complex64'))
+    """
+    dt = np.dtype(dtype)
+    if jnp.issubdtype(dt, jnp.complexfloating):
+        return np.dtype(np.complex128) if dt == np.complex128 else np.dtype(np.complex64)
+    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
 
 
 class RunningStats(NamedTuple):
@@ -131,7 +145,7 @@ def update_stats(
     n = jnp.asarray(moments.count).astype(jnp.float32)
     batch_mean, batch_var = moments.mean, moments.var.astype(jnp.float32)
     # Arithmetic in at least float32 whatever the stored dtype (bf16 stats stay bf16 on the way out).
-    mean_dt = jnp.promote_types(jnp.promote_types(stats.mean.dtype, jnp.float32), batch_mean.dtype)
+    mean_dt = stats_dtype(batch_mean.dtype if jnp.iscomplexobj(batch_mean) else stats.mean.dtype)
     old_mean, old_var = stats.mean.astype(mean_dt), stats.var.astype(jnp.float32)
     batch_mean = batch_mean.astype(mean_dt)
     if unbiased:
@@ -144,9 +158,7 @@ def update_stats(
         new_mean = momentum * old_mean + (1.0 - momentum) * batch_mean
         new_var = momentum * old_var + (1.0 - momentum) * batch_var
     updated = (n > 0) & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
-    out_mean_dt = stats.mean.dtype if not jnp.iscomplexobj(batch_mean) else jnp.promote_types(
-        stats.mean.dtype, jnp.complex64
-    )
+    out_mean_dt = mean_dt if jnp.iscomplexobj(batch_mean) and not jnp.iscomplexobj(stats.mean) else stats.mean.dtype
     return RunningStats(
         mean=jnp.where(updated, new_mean, old_mean).astype(out_mean_dt),
         var=jnp.where(updated, new_var, old_var).astype(stats.var.dtype),

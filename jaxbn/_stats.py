@@ -42,7 +42,7 @@ from jaxbn._checks import (
     feature_shape,
     reduction_axes,
 )
-from jaxbn._running import Moments
+from jaxbn._running import Moments, stats_dtype
 from jaxbn._xla import separate_converts, spelled_apart
 
 #: Largest number of participants for which `strategy="auto"` all-gathers the
@@ -51,11 +51,6 @@ GATHER_MAX_DEVICES = 16
 _PILOT = 8
 
 Strategy = Literal["auto", "gather", "psum"]
-
-
-def stats_dtype(dtype: Any) -> Any:
-    """The dtype statistics are computed in: at least float32, complex kept."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _real(dt: jnp.dtype) -> jnp.dtype:

@@ -45,17 +45,46 @@ def normalize(x, mean, var, scale=None, bias=None, axis=-1, eps=1e-5):
     return y
 
 
+def contributes(mean, var, n):
+    """Per feature: does a batch with these moments update the running stats? (valid entries, finite)."""
+    return (np.asarray(n) > 0) & np.isfinite(mean) & np.isfinite(var)
+
+
 def update(old_mean, old_var, count, mean, var, n, momentum=0.99, unbiased=False):
-    """Running-stat update; features with n == 0 keep their values."""
+    """One running-stat update, written from the definition (API.md v2).
+
+    EMA: new = momentum * old + (1 - momentum) * batch; momentum=None:
+    new = old + (batch - old) / (count + 1). Features that do not contribute
+    (no valid entry, or a non-finite batch mean/var) keep their values; the
+    count goes up only if some feature contributed.
+    """
     old_mean, old_var = np.asarray(old_mean, np.float64), np.asarray(old_var, np.float64)
-    bvar = np.where(n > 1, var * n / np.maximum(n - 1, 1), var) if unbiased else var
-    if momentum is None:
-        new_mean = old_mean + (mean - old_mean) / (count + 1)
-        new_var = old_var + (bvar - old_var) / (count + 1)
-    else:
-        new_mean = momentum * old_mean + (1 - momentum) * mean
-        new_var = momentum * old_var + (1 - momentum) * bvar
-    return np.where(n > 0, new_mean, old_mean), np.where(n > 0, new_var, old_var), count + 1
+    ok = contributes(mean, var, n)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        bvar = np.where(n > 1, var * n / np.maximum(n - 1, 1), var) if unbiased else var
+        if momentum is None:
+            new_mean = old_mean + (mean - old_mean) / (count + 1)
+            new_var = old_var + (bvar - old_var) / (count + 1)
+        else:
+            new_mean = momentum * old_mean + (1 - momentum) * mean
+            new_var = momentum * old_var + (1 - momentum) * bvar
+    return np.where(ok, new_mean, old_mean), np.where(ok, new_var, old_var), count + int(np.any(ok))
+
+
+def cumulative_average(batch_means, batch_vars, batch_counts, mean0=0.0, var0=1.0):
+    """momentum=None from its definition: per feature, the plain average of the batches that contributed.
+
+    `batch_*` are lists (one entry per batch) of feature-shaped arrays. Features
+    that never contributed keep (mean0, var0). Returns (mean, var, number of
+    batches in which some feature contributed).
+    """
+    ok = np.stack([contributes(m, v, n) for m, v, n in zip(batch_means, batch_vars, batch_counts, strict=True)])
+    means = np.where(ok, np.stack(batch_means), 0.0)
+    vars_ = np.where(ok, np.stack(batch_vars), 0.0)
+    k = ok.sum(0)
+    mean = np.where(k > 0, means.sum(0) / np.maximum(k, 1), mean0)
+    var = np.where(k > 0, vars_.sum(0) / np.maximum(k, 1), var0)
+    return mean, var, int(ok.any(axis=tuple(range(1, ok.ndim))).sum())
 
 
 def bn_train_grads(x, dy, scale, axis=-1, mask=None, eps=1e-5):

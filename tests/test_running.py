@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxbn
 from tests import reference as ref
@@ -74,3 +76,120 @@ def test_update_is_traced_once_per_shape():
     for _ in range(3):
         s = f(s, m)
     assert len(calls) == 1
+
+
+# --- Nothing poisons the running statistics (API.md v2, issue 11) ----------------------------------
+
+_update_jit = jax.jit(jaxbn.update_stats, static_argnames=("momentum", "unbiased"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["ok", "ok", "all_masked", "nan_some", "inf_all", "masked_some"]),
+                   min_size=1, max_size=8),
+    momentum=st.sampled_from([None, 0.0, 0.5, 0.9]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sequence_with_bad_batches_matches_definition(kinds, momentum, seed):
+    """Random sequences of good, all-masked, partly and wholly non-finite batches, against the definition.
+
+    EMA: each contributing batch moves each contributing feature; momentum=None: the plain average
+    of the batches that contributed. The count counts the calls in which some feature contributed.
+    """
+    rng = np.random.default_rng(seed)
+    c = 3
+    stats = jaxbn.init_stats(c)
+    batches = []
+    for kind in kinds:
+        mean, var, n = rng.normal(size=c) * 3, rng.random(c) + 0.1, np.full(c, 16.0)
+        if kind == "all_masked":
+            n[:] = 0.0
+            mean[:], var[:] = 0.0, 0.0  # what moments returns for a feature with no entry
+        elif kind == "nan_some":
+            mean[1] = np.nan
+        elif kind == "inf_all":
+            var[:] = np.inf
+        elif kind == "masked_some":
+            n[0], mean[0], var[0] = 0.0, 0.0, 0.0
+        batches.append((mean, var, n))
+        m = jaxbn.Moments(*(jnp.asarray(v, jnp.float32) for v in (mean, var, n)))
+        stats = _update_jit(stats, m, momentum=momentum)
+    assert np.all(np.isfinite(stats.mean)) and np.all(np.isfinite(stats.var))
+    if momentum is None:
+        if any(k in ("nan_some", "masked_some") for k in kinds):
+            # a feature that sits out a counted call is not tracked separately (API.md): only the
+            # features that contributed to every counted call are exact
+            return
+        want_mean, want_var, want_count = ref.cumulative_average(*zip(*batches, strict=True))
+    else:
+        want_mean, want_var, want_count = np.zeros(c), np.ones(c), 0
+        for mean, var, n in batches:
+            want_mean, want_var, want_count = ref.update(want_mean, want_var, want_count, mean, var, n, momentum)
+    np.testing.assert_allclose(stats.mean, want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.var, want_var, rtol=1e-5, atol=1e-6)
+    assert int(stats.count) == want_count
+
+
+def test_cumulative_average_skips_an_all_masked_batch():
+    """Batch A mean 1, an all-masked batch, batch B mean 5: the average is 3 (0.1.0 gave 2.33)."""
+    x_a = jnp.array([[0.0], [2.0]])
+    x_b = jnp.array([[4.0], [6.0]])
+    stats = jaxbn.init_stats(1)
+    _, stats = jaxbn.batch_norm(x_a, stats, training=True, momentum=None)
+    _, stats = jaxbn.batch_norm(x_a, stats, training=True, momentum=None, mask=jnp.zeros((2, 1), bool))
+    assert int(stats.count) == 1
+    _, stats = jaxbn.batch_norm(x_b, stats, training=True, momentum=None)
+    np.testing.assert_allclose(stats.mean, [3.0])
+    np.testing.assert_allclose(stats.var, [1.0])
+    assert int(stats.count) == 2
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_non_finite_batch_keeps_running_stats(renorm):
+    """inf in one feature, NaN in another: those features keep their stats, the third updates."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 3)).astype(np.float32)
+    x[4, 0] = np.inf
+    x[7, 1] = np.nan
+    stats = jaxbn.RunningStats(jnp.array([0.5, -0.5, 0.25]), jnp.array([2.0, 3.0, 4.0]), jnp.array(5))
+    fn = jaxbn.batch_renorm if renorm else jaxbn.batch_norm
+    _, new = jax.jit(lambda x, s: fn(x, s, training=True, momentum=0.9))(x, stats)
+    mean, var, n = ref.moments(x[:, 2:], -1)
+    np.testing.assert_array_equal(new.mean[:2], stats.mean[:2])
+    np.testing.assert_array_equal(new.var[:2], stats.var[:2])
+    np.testing.assert_allclose(new.mean[2], 0.9 * 0.25 + 0.1 * mean[0], rtol=1e-5)
+    np.testing.assert_allclose(new.var[2], 0.9 * 4.0 + 0.1 * var[0], rtol=1e-5)
+    assert int(new.count) == 6
+    x_all = np.full((16, 3), np.nan, np.float32)
+    _, same = jaxbn.batch_norm(x_all, stats, training=True, momentum=None)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, same, stats)  # a no-op, count included
+
+
+def test_nan_in_masked_entries_changes_nothing():
+    """NaN/inf only where the mask is False: output and stats equal those of the clean batch."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(12, 2)).astype(np.float32)
+    mask = np.ones((12, 1), bool)
+    mask[[2, 9]] = False
+    dirty = x.copy()
+    dirty[2] = np.nan
+    dirty[9, 1] = -np.inf
+    stats = jaxbn.init_stats(2)
+    y_clean, s_clean = jaxbn.batch_norm(x, stats, training=True, mask=mask)
+    y_dirty, s_dirty = jaxbn.batch_norm(dirty, stats, training=True, mask=mask)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, s_dirty, s_clean)
+    valid = mask[:, 0]
+    np.testing.assert_array_equal(np.asarray(y_dirty)[valid], np.asarray(y_clean)[valid])
+    mean, var, _ = ref.moments(x, -1, mask)
+    np.testing.assert_allclose(np.asarray(y_clean)[valid], ref.normalize(x, mean, var)[valid], rtol=1e-4, atol=1e-5)
+
+
+def test_low_precision_state_keeps_its_dtype():
+    """A state the user cast to bf16 stays bf16; the arithmetic is float32 (strict promotion safe)."""
+    stats = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16) if a.ndim else a, jaxbn.init_stats(2))
+    m = jaxbn.Moments(jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0]), jnp.array([8.0, 8.0]))
+    with jax.numpy_dtype_promotion("strict"):
+        new = jaxbn.update_stats(stats, m, momentum=0.5)
+    assert new.mean.dtype == new.var.dtype == jnp.bfloat16 and new.count.dtype == jnp.int32
+    np.testing.assert_allclose(new.mean.astype(np.float32), [0.5, 1.0])
+    np.testing.assert_allclose(new.var.astype(np.float32), [2.0, 2.5])

@@ -146,3 +146,78 @@ def test_moments_property(case):
     scale = max(1.0, float(np.abs(x).max()))
     np.testing.assert_allclose(m.mean, mean, atol=1e-5 * scale)
     np.testing.assert_allclose(m.var, var, atol=1e-5 * scale**2, rtol=1e-4)
+
+
+# --- Stability whatever the mask (API.md v2, issue 11) -------------------------------------------
+
+_moments_jit = jax.jit(jaxbn.moments, static_argnames=("axis",))
+
+
+def _mask_rows(kind, n, rng, a, b):
+    """A row mask of `n` rows: contiguous run, strided, sparse or one row."""
+    rows = np.zeros(n, bool)
+    if kind == "contiguous":
+        start = a % n
+        rows[start:start + 1 + b % (n - start)] = True
+    elif kind == "strided":
+        rows[a % 8::2 + b % 15] = True
+    elif kind == "sparse":
+        rows[rng.random(n) < 0.1] = True
+    else:  # one valid entry
+        rows[a % n] = True
+    return rows
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(["contiguous", "strided", "sparse", "single"]),
+    per_feature=st.booleans(),
+    log_offset=st.floats(3.0, 6.0),
+    log_scale=st.floats(-1.0, 1.0),
+    a=st.integers(0, 1000),
+    b=st.integers(0, 1000),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_variance_is_stable_whatever_the_mask(kind, per_feature, log_offset, log_scale, a, b, seed):
+    """float32 offset + noise, any mask: var within 1e-3 relative of the float32 data's true variance.
+
+    The 0.1.0 pilot shift fell back to 0 when the mask hid every pilot row (rows 1..6 of 64 valid:
+    var 0.0 instead of 0.667); here every kind of mask meets every offset from 1e3 to 1e6.
+    """
+    rng = np.random.default_rng(seed)
+    n, c = 64, 3
+    spread = 10.0**log_scale
+    x = (10.0**log_offset + spread * rng.normal(size=(n, c))).astype(np.float32)
+    if per_feature:
+        mask = np.stack([_mask_rows(kind, n, rng, a + 7 * f, b + 3 * f) for f in range(c)], axis=1)
+    else:
+        mask = _mask_rows(kind, n, rng, a, b)[:, None]
+    m = _moments_jit(x, mask=mask)
+    mean, var, count = ref.moments(x, -1, mask)
+    np.testing.assert_array_equal(m.count, count)
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-6)
+    # relative to the true variance; where it is ~0 (one valid entry), to the data's own spread
+    np.testing.assert_allclose(m.var, var, rtol=1e-3, atol=1e-4 * spread**2)
+
+
+def test_issue_11_example_rows_1_to_6_valid():
+    """The reported case, against the value from the definition (2/3), not the code."""
+    x = (1e4 + (np.arange(64) % 3)).astype(np.float32).reshape(64, 1)
+    mask = np.zeros((64, 1), bool)
+    mask[1:7] = True
+    np.testing.assert_allclose(jaxbn.moments(x, mask=mask).var, [2 / 3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_every_eighth_row_masked_at_large_offset(layout):
+    """Masks that hit exactly the pilot rows (every 8th batch row), channels last and first."""
+    rng = np.random.default_rng(5)
+    x = (1e5 + rng.normal(size=(64, 3, 4, 4))).astype(np.float32)
+    rows = np.arange(64) % 8 != 0
+    axis = 1 if layout == "nchw" else -1
+    if layout == "nhwc":
+        x = np.transpose(x, (0, 2, 3, 1))
+    mask = rows[:, None, None, None]
+    m = _moments_jit(x, axis=axis, mask=mask)
+    mean, var, _ = ref.moments(x, axis, mask)
+    np.testing.assert_allclose(m.var, var, rtol=1e-3)
