@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Hashable, Sequence
+from functools import partial
 from typing import Literal
 
 import equinox as eqx
@@ -34,10 +35,8 @@ from equinox.nn import State, StateIndex
 from jax.typing import ArrayLike, DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+import jaxbn
 from jaxbn._module_core import forward
-from jaxbn._norm import normalize
-from jaxbn._running import RunningStats, update_stats
-from jaxbn._stats import moments
 
 __all__ = ["BatchNorm"]
 
@@ -246,78 +245,108 @@ class BatchNorm(eqx.nn.StatefulLayer):
             x = x.astype(_promote(x.dtype, _default_float()))
         params = (self.weight, self.bias) if self.channelwise_affine else ()
         out_dtype = _promote(x.dtype, *(p.dtype for p in params if p is not None))
-        # The arithmetic runs in the statistics dtype (>= float32); the
-        # parameters' and output's casts are explicit, for strict promotion.
-        compute = _promote(x.dtype, jnp.float32)
-        real = np.dtype(jnp.finfo(compute).dtype)
-        xc = x.astype(compute)
-        weight = None if self.weight is None else self.weight.astype(real)
-        bias = None if self.bias is None else self.bias.astype(real)
-        axis_name = _axis_name(self.axis_name)
-        with jax.named_scope("jaxbn.equinox.BatchNorm"):
-            if self.mode == "batch":
-                y, state = self._batch_mode(xc, state, weight, bias, mask_, axis_name, inference)
-            else:
-                y, state = self._ema_mode(xc, state, weight, bias, mask_, axis_name, inference)
-        return y.astype(out_dtype), state
-
-    def _batch_mode(
-        self,
-        x: Array,
-        state: State,
-        weight: Array | None,
-        bias: Array | None,
-        mask: Array | None,
-        axis_name: Hashable,
-        inference: bool,
-    ) -> tuple[Array, State]:
-        assert self.batch_counter is not None and self.batch_state_index is not None
-        counter = state.get(self.batch_counter)
-        mean, var = state.get(self.batch_state_index)
-        stats = RunningStats(mean.astype(x.dtype), var.astype(x.dtype), counter)
-        y, new = forward(
-            x, stats, weight, bias, training=not inference, initializing=False, axis=0,
-            momentum=self.momentum, epsilon=self.eps, axis_name=axis_name, axis_index_groups=None,
-            mask=mask, dtype=x.dtype, renorm=False, renorm_r_max=3.0, renorm_d_max=5.0,
-            virtual_batch_size=None, unbiased=False,
+        config = dict(
+            inference=bool(inference), momentum=self.momentum, eps=self.eps,
+            axis_name=_axis_name(self.axis_name), out_dtype=out_dtype,
         )
-        if not inference:
-            state = state.set(self.batch_counter, _like(new.count, counter))
-            state = state.set(self.batch_state_index, (_like(new.mean, mean), _like(new.var, var)))
+        if self.mode == "batch":
+            assert self.batch_counter is not None and self.batch_state_index is not None
+            counter = state.get(self.batch_counter)
+            mean, var = state.get(self.batch_state_index)
+            y, (counter, mean, var) = _batch_mode(x, self.weight, self.bias, mask_, (counter, mean, var), **config)
+            if not inference:
+                state = state.set(self.batch_counter, counter)
+                state = state.set(self.batch_state_index, (mean, var))
+        else:
+            assert self.ema_first_time_index is not None and self.ema_state_index is not None
+            first_time = state.get(self.ema_first_time_index)
+            mean, var = state.get(self.ema_state_index)
+            y, (first_time, mean, var) = _ema_mode(x, self.weight, self.bias, mask_, (first_time, mean, var), **config)
+            if not inference:
+                state = state.set(self.ema_first_time_index, first_time)
+                state = state.set(self.ema_state_index, (mean, var))
         return y, state
 
-    def _ema_mode(
-        self,
-        x: Array,
-        state: State,
-        weight: Array | None,
-        bias: Array | None,
-        mask: Array | None,
-        axis_name: Hashable,
-        inference: bool,
-    ) -> tuple[Array, State]:
-        assert self.ema_first_time_index is not None and self.ema_state_index is not None
-        old_mean, old_var = state.get(self.ema_state_index)
-        mean, var = old_mean.astype(x.dtype), old_var.astype(x.dtype)
+
+# The two modes' maths, jitted: called eagerly under jax.vmap, one compiled
+# program per shape instead of one per primitive (nested in an outer jit, inlined).
+_STATIC = ("inference", "momentum", "eps", "axis_name", "out_dtype")
+
+
+def _compute_args(
+    x: Array, weight: Array | None, bias: Array | None
+) -> tuple[Array, Array | None, Array | None]:
+    """x and the parameters in the statistics dtype (>= float32): every cast explicit, for strict promotion."""
+    compute = _promote(x.dtype, jnp.float32)
+    real = np.dtype(jnp.finfo(compute).dtype)
+    return (
+        x.astype(compute),
+        None if weight is None else weight.astype(real),
+        None if bias is None else bias.astype(real),
+    )
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _batch_mode(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    mask: Array | None,
+    state: tuple[Array, Array, Array],
+    *,
+    inference: bool,
+    momentum: float,
+    eps: float,
+    axis_name: Hashable,
+    out_dtype: np.dtype,
+) -> tuple[Array, tuple[Array, Array, Array]]:
+    """"batch" mode: batch moments in training (the Flax modules' forward pass), running stats in inference."""
+    counter, mean, var = state
+    xc, w, b = _compute_args(x, weight, bias)
+    stats = jaxbn.RunningStats(mean.astype(xc.dtype), var.astype(xc.dtype), counter)
+    with jax.named_scope("jaxbn.equinox.BatchNorm"):
+        y, new = forward(
+            xc, stats, w, b, training=not inference, initializing=False, axis=0,
+            momentum=momentum, epsilon=eps, axis_name=axis_name, axis_index_groups=None,
+            mask=mask, dtype=xc.dtype, renorm=False, renorm_r_max=3.0, renorm_d_max=5.0,
+            virtual_batch_size=None, unbiased=False,
+        )
+    # `counter + Python int` keeps the counter's weak type, as equinox's `counter + 1` does.
+    new_counter = counter + jnp.where(new.count > counter, 1, 0)
+    return y.astype(out_dtype), (new_counter, new.mean.astype(mean.dtype), new.var.astype(var.dtype))
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _ema_mode(
+    x: Array,
+    weight: Array | None,
+    bias: Array | None,
+    mask: Array | None,
+    state: tuple[Array, Array, Array],
+    *,
+    inference: bool,
+    momentum: float,
+    eps: float,
+    axis_name: Hashable,
+    out_dtype: np.dtype,
+) -> tuple[Array, tuple[Array, Array, Array]]:
+    """"ema" mode: normalize with the running stats after folding in this batch (training) or as they are."""
+    first_time, old_mean, old_var = state
+    xc, w, b = _compute_args(x, weight, bias)
+    mean, var = old_mean.astype(xc.dtype), old_var.astype(xc.dtype)
+    with jax.named_scope("jaxbn.equinox.BatchNorm"):
         if not inference:
-            first_time = state.get(self.ema_first_time_index)
-            batch = moments(x, axis=0, mask=mask, axis_name=axis_name)
-            stats = RunningStats(mean, var, jnp.zeros((), jnp.int32))
+            batch = jaxbn.moments(xc, axis=0, mask=mask, axis_name=axis_name)
+            stats = jaxbn.RunningStats(mean, var, jnp.zeros((), jnp.int32))
             # The first training call takes the batch moments as they are.
-            ema = update_stats(stats, batch, momentum=self.momentum)
-            first = update_stats(stats, batch, momentum=0.0)
+            ema = jaxbn.update_stats(stats, batch, momentum=momentum)
+            first = jaxbn.update_stats(stats, batch, momentum=0.0)
             mean = jnp.where(first_time, first.mean, ema.mean)
             var = jnp.where(first_time, first.var, ema.var)
-            # A batch that update_stats skips (all masked) does not use up the first time.
-            still_first = jnp.logical_and(first_time, first.count == 0)
-            state = state.set(self.ema_first_time_index, _like(still_first, first_time))
-            state = state.set(self.ema_state_index, (_like(mean, old_mean), _like(var, old_var)))
-        return normalize(x, mean, var, weight, bias, axis=0, epsilon=self.eps), state
-
-
-def _like(value: Array, old: Array) -> Array:
-    """`value` in the dtype (and weak type) of the state entry `old` it replaces."""
-    return jax.lax.convert_element_type(value, old.dtype) if value.dtype != old.dtype else value
+            # A batch that update_stats skips (all masked, not finite) does not use up the first time.
+            first_time = jnp.logical_and(first_time, first.count == 0)
+        y = jaxbn.normalize(xc, mean, var, w, b, axis=0, epsilon=eps)
+    return y.astype(out_dtype), (first_time, mean.astype(old_mean.dtype), var.astype(old_var.dtype))
 
 
 def _axis_name(axis_name: Hashable | Sequence[Hashable]) -> Hashable:
