@@ -37,20 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbn._dtypes import as_float, promote
 from jaxbn._norm import normalize
+from jaxbn._running import stats_dtype
 from jaxbn._stats import moments
 
 __all__ = ["BatchNorm"]
-
-
-def _statistics_dtype(dtype: jax.typing.DTypeLike) -> np.dtype:
-    """The dtype the statistics are computed in: at least float32 (int input -> the default float)."""
-    dtype = np.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        return np.dtype(jnp.complex64) if dtype.itemsize < 8 else dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
-        return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))  # what jnp.mean of an int gives
-    return np.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
 def _broadcastable(value: jax.typing.ArrayLike, name: str, shape: tuple[int, ...]) -> jax.Array:
@@ -223,11 +215,12 @@ class BatchNorm(hk.Module):
         x = jnp.asarray(inputs)
         reduced = self._reduced_axes(x.ndim)
         w_shape = tuple(1 if i in reduced else d for i, d in enumerate(x.shape))
-        sdt = _statistics_dtype(x.dtype)
+        x_float = as_float(x)  # integers promoted as haiku's jnp.mean promotes them
+        sdt = stats_dtype(x_float.dtype)
         # The core wants >= 1 feature axis: with every axis reduced (or a
         # scalar input), a trailing feature axis of size 1 is added.
         feat = tuple(i for i in range(x.ndim) if i not in reduced)
-        xs = x.astype(sdt)
+        xs = x_float.astype(sdt)
         if not feat:
             xs, feat = xs[..., None], (x.ndim,)
             mask = None if mask is None else jnp.asarray(mask)[..., None]
@@ -254,11 +247,10 @@ class BatchNorm(hk.Module):
             scale = hk.get_parameter("scale", w_shape, x.dtype, self.scale_init)
         if self.create_offset:
             offset = hk.get_parameter("offset", w_shape, x.dtype, self.offset_init)
-        # haiku's output dtype: its arithmetic's (standard) promotion of the input
-        # (int -> float, as jnp.mean promotes it) and the scale and offset.
-        x_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else sdt
-        with jax.numpy_dtype_promotion("standard"):
-            out_dtype = jnp.result_type(x_dtype, *(v for v in (scale, offset) if v is not None))
+        # haiku's output dtype: the promotion of the (float) input and the scale and offset
+        # (Python scalars are weakly typed: they do not promote).
+        params = (v for v in (scale, offset) if v is not None and not isinstance(v, int | float))
+        out_dtype = promote(x_float.dtype, *(jnp.asarray(v).dtype for v in params))
         y = normalize(xs, mean, var, axis=feat, epsilon=self.eps).reshape(x.shape)
         if scale is not None:
             y = y * _broadcastable(scale, "scale", x.shape).astype(y.dtype)
