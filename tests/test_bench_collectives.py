@@ -1,4 +1,4 @@
-"""jaxbn.collectives: HLO parsing, and the collective budget of one sync-BN training step."""
+"""jaxbn.bench.collectives: the collective budget of one sync-BN training step (counting: test_bench_hlo.py)."""
 
 from __future__ import annotations
 
@@ -7,52 +7,13 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jaxbn import collectives as col
+from jaxbn.bench import collectives as col
+from jaxbn.bench import hlo
 
 needs8 = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)"
 )
-
-HLO = """
-HloModule m
-  %all-reduce.1 = (f32[1,16]{1,0}, f32[1,16]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3},{4,5,6,7}}
-  %ag = f32[8,3,1,16]{3,2,1,0} all-gather(%p), channel_id=2, replica_groups=[1,8]<=[8], dimensions={0}
-  %ags = ((bf16[4]{0}), bf16[32]{0}) all-gather-start(%q), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
-  %agd = bf16[32]{0} all-gather-done(%ags)
-  %rs = f32[2]{0} reduce-scatter(%r), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
-  %cps = (f32[4]{0}, f32[4]{0}, u32[], u32[]) collective-permute-start(%s), source_target_pairs={{0,1},{1,0}}
-  %cpd = f32[4]{0} collective-permute-done(%cps)
-  %a2a = s32[8,2]{1,0} all-to-all(%t), replica_groups={{0,1}}, dimensions={0}
-  %not = f32[4]{0} add(%all-reduce.2, %x)
-"""
-
-
-def test_parse_collectives_kinds_bytes_and_groups():
-    ops = col.parse_collectives(HLO)
-    assert [(o.kind, o.bytes, o.group_size) for o in ops] == [
-        ("all-reduce", 128, 4),
-        ("all-gather", 8 * 3 * 16 * 4, 8),
-        ("all-gather", 64, 8),  # async pair counted once, by its result
-        ("reduce-scatter", 8, 4),
-        ("collective-permute", 16, None),
-        ("all-to-all", 64, 2),
-    ]
-    counts, nbytes = col.summarize(ops)
-    assert counts == {"all-reduce": 1, "all-gather": 2, "reduce-scatter": 1, "collective-permute": 1, "all-to-all": 1}
-    assert nbytes["all-gather"] == 1536 + 64
-
-
-@needs8
-def test_count_collectives_of_a_jitted_shard_map():
-    mesh = jax.make_mesh((8,), ("d",))
-    x = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("d")))
-    f = jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh, in_specs=P("d"), out_specs=P())
-    assert col.count_collectives(f, x) == {**dict.fromkeys(col.KINDS, 0), "all-reduce": 1}
-    assert col.collective_bytes(f, x)["all-reduce"] == 4 * 4
-
 
 @pytest.fixture(scope="module")
 def table8():
@@ -115,6 +76,6 @@ def test_plain_jit_on_a_sharded_batch_takes_few_collectives():
 
         return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
 
-    counts = col.count_collectives(step, x, dy, scale, bias)
+    counts = hlo.count_collectives(step, x, dy, scale, bias)
     assert counts["collective-permute"] == 0 and counts["all-gather"] == 0
     assert counts["all-reduce"] <= 3

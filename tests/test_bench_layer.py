@@ -1,4 +1,4 @@
-"""Smoke test of `python -m jaxbn.benchmark --quick`: structure only, never timings."""
+"""The layer benchmark (`python -m jaxbn.bench layer`, alias `python -m jaxbn.benchmark`): structure only, never timings."""
 
 import json
 import math
@@ -7,73 +7,104 @@ import sys
 
 import pytest
 
-from jaxbn import benchmark
+from jaxbn.bench import grid, layers, plot, report
 
 
 @pytest.fixture(scope="module")
-def report():
-    """The JSON report of a quick run (one tiny shape, both dtypes, every installed implementation)."""
+def saved():
+    """The JSON report of a quick run (one tiny shape, both dtypes, every installed implementation), via the alias."""
     cmd = [sys.executable, "-m", "jaxbn.benchmark", "--quick", "--shapes", "nhwc", "--json", "--no-progress"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout)
 
 
-def test_report_keys(report):
-    assert {"meta", "config", "implementations", "skipped", "results", "summary", "collectives"} <= set(report)
-    assert {"date_utc", "command", "machine", "versions"} <= set(report["meta"])
-    assert report["meta"]["versions"]["jax"]
-    assert {"geomean_speedup_vs_flax", "residual_multiple", "targets"} <= set(report["summary"])
+def test_report_keys(saved):
+    assert {"meta", "config", "implementations", "skipped", "results", "summary", "collectives"} <= set(saved)
+    assert {"date_utc", "command", "machine", "versions", "loadavg_start", "loadavg_end"} <= set(saved["meta"])
+    assert saved["meta"]["versions"]["jax"]
+    assert {"geomean_speedup_vs_flax", "residual_multiple", "targets", "bandwidth_gbs"} <= set(saved["summary"])
 
 
-def test_every_implementation_row_present(report):
-    names = report["implementations"]
+def test_every_implementation_row_present(saved):
+    names = saved["implementations"]
     assert "jaxbn" in names and "flax" in names and "flax-exact" in names
-    assert set(names) | set(report["skipped"]) == set(benchmark.IMPLEMENTATIONS)
-    got = {(r["case"], r["dtype"], r["mode"], r["impl"]) for r in report["results"]}
-    want = {("nhwc", d, m, n) for d in ("float32", "bfloat16") for m in benchmark.MODES for n in names}
+    assert set(names) | set(saved["skipped"]) == set(layers.IMPLEMENTATIONS)
+    got = {(r["case"], r["dtype"], r["mode"], r["impl"]) for r in saved["results"]}
+    want = {("nhwc", d, m, n) for d in ("float32", "bfloat16") for m in layers.MODES for n in names}
     assert got == want
-    for r in report["results"]:
-        assert r["median_ms"] > 0 and len(r["times_ms"]) == report["config"]["reps"]
+    for r in saved["results"]:
+        assert r["median_ms"] > 0 and len(r["times_ms"]) == saved["config"]["reps"]
         assert r["speedup_vs_flax"] > 0 and r["vs_best_anchor"] > 0
-    for mode in benchmark.MODES:
-        geo = report["summary"]["geomean_speedup_vs_flax"][mode]
+        assert r["kernels"] >= 1 and r["bytes_accessed"] > 0 and r["temp_bytes"] >= 0
+    for mode in layers.MODES:
+        geo = saved["summary"]["geomean_speedup_vs_flax"][mode]
         assert set(geo) == {"float32", "bfloat16", "all"}
         assert math.isclose(geo["all"]["flax"], 1.0)
 
 
-def test_residuals(report):
-    resid = report["summary"]["residual_multiple"]
+def test_limit_column(saved):
+    """limit = pass-model bytes / time / bandwidth of the run's copy probe, per row."""
+    bandwidth = saved["summary"]["bandwidth_gbs"] * 1e9
+    assert bandwidth > 0 and len(saved["bandwidth_gbs_per_rep"]) == 2 * saved["config"]["reps"]  # one per rep and dtype
+    for r in saved["results"]:
+        itemsize = {"float32": 4, "bfloat16": 2}[r["dtype"]]
+        assert r["min_bytes"] == {"train": 3, "train+grad": 8, "infer": 2}[r["mode"]] * math.prod(r["shape"]) * itemsize
+        assert math.isclose(r["limit_fraction"], r["min_bytes"] / (r["median_ms"] * 1e-3) / bandwidth)
+
+
+def test_full_size_passes_are_at_least_the_pass_model(saved):
+    """No program moves less than the pass model says a batch norm must (the HLO counter is not undercounting)."""
+    for r in saved["results"]:
+        assert r["full_size_passes"] >= {"train": 2, "train+grad": 5, "infer": 2}[r["mode"]], r
+
+
+def test_residuals(saved):
+    resid = saved["summary"]["residual_multiple"]
     assert set(resid["jaxbn"]) == {"float32", "bfloat16"}
     assert all(v <= 1.0 for v in resid["jaxbn"].values())
     assert resid["flax"]["float32"] >= 1.0  # flax keeps more than x
 
 
-def test_collectives(report):
-    coll = report["collectives"]
+def test_collectives(saved):
+    coll = saved["collectives"]
     assert "error" not in coll, coll.get("error")
-    assert set(coll["counts"]) == set(report["implementations"])
+    assert set(coll["counts"]) == set(saved["implementations"])
     for counts in coll["counts"].values():
         assert set(counts) >= {"all-reduce", "all-gather"}
         assert sum(counts.values()) >= 1  # a synchronized step communicates
 
 
-def test_table_and_plot(report, tmp_path):
-    text = benchmark.format_report(report)
-    for name in report["implementations"]:
+def test_table_and_plot(saved, tmp_path):
+    text = report.format_layer(saved)
+    for name in saved["implementations"]:
         assert name in text
-    assert "geomean speedup" in text and "collectives" in text
-    md = benchmark.format_markdown(report)
-    assert md.count("| geomean |") == 3 * len(benchmark.MODES) and "**Residuals**" in md
+    assert "geomean speedup" in text and "collectives" in text and "bandwidth" in text
+    md = report.markdown_layer(saved)
+    assert md.count("| geomean |") == 3 * len(layers.MODES) and "**Residuals**" in md and "**HLO**" in md
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
-    benchmark.plot(report, str(path))
+    plot.plot_layer(saved, str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_from_json_reprints(saved, tmp_path, capsys):
+    from jaxbn.bench.__main__ import main
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(saved))
+    main(["layer", "--from-json", str(path), "--markdown"])
+    assert capsys.readouterr().out.strip() == report.markdown_layer(saved).strip()
+
+
 def test_parse_shapes():
-    assert [c.key for c in benchmark._parse_cases(None, quick=False)] == [c.key for c in benchmark.GRID]
-    (case,) = benchmark._parse_cases("16x8x8x32@-1", quick=False)
+    assert [c.key for c in grid.parse_cases(None, quick=False)] == [c.key for c in grid.GRID]
+    (case,) = grid.parse_cases("16x8x8x32@-1", quick=False)
     assert case.shape == (16, 8, 8, 32) and case.axis == -1 and case.layout == "NHWC"
-    with pytest.raises(ValueError, match="bad shape"):
-        benchmark._parse_cases("huge", quick=False)
+    with pytest.raises(ValueError, match="bad shape 'huge'"):
+        grid.parse_cases("huge", quick=False)
+
+
+def test_unknown_implementation():
+    with pytest.raises(ValueError, match="unknown implementation 'torch'"):
+        layers.available(["jaxbn", "torch"])

@@ -1,0 +1,161 @@
+"""Command line: ``python -m jaxbn.bench [layer|model|collectives] [options]`` (``--help`` on each).
+
+* ``layer`` (the default when no part is named): one batch-norm layer of each
+  library, timed side by side (`jaxbn.bench.layer`);
+* ``model``: a ResNet training step with each batch norm swapped in, and BN's
+  in-context cost (`jaxbn.bench.model`);
+* ``collectives``: the collectives of one synchronized batch-norm step at 8 and
+  64 simulated devices (`jaxbn.bench.collectives`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxbn.bench import grid
+
+PARTS = ("layer", "model", "collectives")
+
+
+def _common(p: argparse.ArgumentParser, impls: Sequence[str], default_reps: str) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 reps: a smoke test, not a measurement")
+    p.add_argument("--dtypes", default=",".join(grid.DTYPES), help="comma-separated dtypes (default float32,bfloat16)")
+    p.add_argument("--impls", default=",".join(impls), help="comma-separated implementations")
+    p.add_argument("--reps", type=int, default=None, help=f"timed repetitions per program ({default_reps})")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after compilation (default 1)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON instead of tables")
+    p.add_argument("--markdown", action="store_true", help="print Markdown tables instead of plain text")
+    p.add_argument("--from-json", metavar="PATH", help="re-print the report saved by --json (no run)")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of the results (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _output(opts: argparse.Namespace, rep: dict[str, Any], text: Callable[..., str], plot: Callable[..., None]) -> None:
+    if opts.plot:
+        try:
+            plot(rep, opts.plot)
+        except ImportError as e:
+            print(f"--plot skipped: matplotlib is not installed ({e})", file=sys.stderr)
+    print(json.dumps(rep, indent=1) if opts.json else text(rep, opts.markdown))
+
+
+def _load(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)  # type: ignore[no-any-return]
+
+
+def layer_main(argv: Sequence[str], prog: str = "python -m jaxbn.bench layer") -> dict[str, Any] | None:
+    """``python -m jaxbn.bench layer``: the layer benchmark."""
+    from jaxbn.bench import layers, plot, report
+
+    p = argparse.ArgumentParser(prog=prog, description="Time one batch-norm layer of each library side by side.")
+    _common(p, tuple(layers.IMPLEMENTATIONS), "default 10; --quick 2")
+    p.add_argument(
+        "--shapes", help=f"comma-separated grid keys ({', '.join(c.key for c in grid.GRID)}) or AxBxC[@axis]"
+    )
+    p.add_argument("--modes", default=",".join(layers.MODES), help="comma-separated modes: " + ", ".join(layers.MODES))
+    p.add_argument("--no-collectives", action="store_true", help="skip the synchronized-step collective count")
+    p.add_argument("--collectives-only", action="store_true", help=argparse.SUPPRESS)
+    opts = p.parse_args(list(argv))
+    names = [n for n in opts.impls.split(",") if n]
+
+    def text(rep: dict[str, Any], markdown: bool) -> str:
+        return report.markdown_layer(rep) if markdown else report.format_layer(rep)
+
+    if opts.collectives_only:
+        from jaxbn.bench.collectives import layer_collectives_here
+
+        print(json.dumps(layer_collectives_here(layers.available(names)[0])))
+        return None
+    if opts.from_json:
+        saved = _load(opts.from_json)
+        print(text(saved, opts.markdown))
+        return saved
+    modes = [m for m in opts.modes.split(",") if m]
+    bad = [m for m in modes if m not in layers.MODES]
+    if bad:
+        p.error(f"unknown mode(s) {bad}; choose from {', '.join(layers.MODES)}")
+    from jaxbn.bench import layer
+
+    rep = layer.run(
+        grid.parse_cases(opts.shapes, opts.quick),
+        [d for d in opts.dtypes.split(",") if d],
+        names,
+        reps=opts.reps if opts.reps is not None else (2 if opts.quick else 10),
+        warmup=opts.warmup,
+        modes=modes,
+        progress=not opts.no_progress,
+        with_collectives=not opts.no_collectives,
+        argv=list(argv),
+    )
+    _output(opts, rep, text, plot.plot_layer)
+    return rep
+
+
+def model_main(argv: Sequence[str]) -> dict[str, Any] | None:
+    """``python -m jaxbn.bench model``: the whole-model benchmark."""
+    from jaxbn.bench import model, plot, report
+
+    p = argparse.ArgumentParser(
+        prog="python -m jaxbn.bench model",
+        description="Time a ResNet training step with each batch norm swapped in; BN's in-context cost from the HLO.",
+    )
+    _common(p, model.IMPLS, "default 9; --quick 2")
+    default = ",".join(f"{c.arch}:{c.batch}:{c.image}:{c.width}" for c in grid.MODEL_GRID)
+    p.add_argument("--configs", help=f"comma-separated arch:batch:image:width (default {default})")
+    p.add_argument(
+        "--placements", default=",".join(grid.PLACEMENTS), help="comma-separated: " + ", ".join(grid.PLACEMENTS)
+    )
+    p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
+    opts = p.parse_args(list(argv))
+
+    def text(rep: dict[str, Any], markdown: bool) -> str:
+        return report.format_model(rep, markdown)
+
+    if opts.from_json:
+        saved = _load(opts.from_json)
+        print(text(saved, opts.markdown))
+        return saved
+    placements = [x for x in opts.placements.split(",") if x]
+    bad = [x for x in placements if x not in grid.PLACEMENTS]
+    if bad:
+        p.error(f"unknown placement(s) {bad}; choose from {', '.join(grid.PLACEMENTS)}")
+    cases = (
+        model.parse_configs(opts.configs)
+        if opts.configs
+        else list(grid.QUICK_MODEL_GRID if opts.quick else grid.MODEL_GRID)
+    )
+    dtypes = [d for d in opts.dtypes.split(",") if d]
+    impls = [i for i in opts.impls.split(",") if i]
+    reps = opts.reps if opts.reps is not None else (2 if opts.quick else 9)
+    if opts.rows_only:
+        from jaxbn.bench.timing import progress
+
+        print(json.dumps(model.run_here(cases, placements, dtypes, impls, reps, opts.warmup, progress(0, False))))
+        return None
+    rep = model.run(cases, placements, dtypes, impls, reps, opts.warmup, not opts.no_progress, list(argv))
+    _output(opts, rep, text, plot.plot_model)
+    return rep
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Dispatches to the part named first in `argv` (default: ``layer``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    part = args[0] if args and args[0] in PARTS else "layer"
+    rest = args[1:] if args and args[0] in PARTS else args
+    if part == "model":
+        return model_main(rest)
+    if part == "collectives":
+        from jaxbn.bench.collectives import main as collectives_main
+
+        collectives_main(rest)
+        return None
+    return layer_main(rest)
+
+
+if __name__ == "__main__":
+    main()

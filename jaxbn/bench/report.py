@@ -1,0 +1,275 @@
+"""Reports of the benchmarks: run metadata, plain-text and Markdown tables (layer and whole-model).
+
+The reports are plain dicts (what `--json` prints): `meta` (machine, date,
+versions, command, load), `config`, `implementations`, `results` (one row per
+timed program) and `summary`; `format_*` print them, from a run or from a
+saved JSON (`--from-json`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias
+
+import jax
+
+from jaxbn.bench.hlo import KINDS
+from jaxbn.bench.layers import MODE_TITLES
+
+#: A report as `--json` prints it (nested dicts and lists of JSON values).
+Report: TypeAlias = Mapping[str, Any]
+
+
+def metadata(program: str, argv: Sequence[str]) -> dict[str, object]:
+    """Machine, date, versions, load average and the command line."""
+    versions = {}
+    for mod in ("jax", "jaxlib", "flax", "optax", "haiku", "equinox", "numpy", "jaxbn"):
+        try:
+            versions[mod] = getattr(importlib.import_module(mod), "__version__", "?")
+        except ImportError:
+            versions[mod] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([program, *argv]),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": cpu,
+            "cpu_count": os.cpu_count(),
+            "backend": jax.default_backend(),
+            "device": getattr(dev, "device_kind", str(dev)),
+            "devices": jax.device_count(),
+            "python": platform.python_version(),
+        },
+        "versions": versions,
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _x(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}x"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _header(report: Report) -> list[str]:
+    meta = report["meta"]
+    m, v = meta["machine"], meta["versions"]
+    load = ", ".join(f"{a:.1f}" for a in (meta.get("loadavg_start") or [])[:1] + (meta.get("loadavg_end") or [])[:1])
+    return [
+        f"{meta['date_utc']}  {m['cpu']} ({m['cpu_count']} cpus, {m['backend']})  jax {v['jax']}  flax {v['flax']}"
+        f"  load (1 min) start, end: {load}",
+        f"command: {meta['command']}",
+    ]
+
+
+# ------------------------------------------------------------------ layer benchmark
+
+
+def _layer_index(report: Report) -> tuple[dict[tuple[str, str, str, str], Any], list[tuple[str, str]], dict[str, str]]:
+    rows = report["results"]
+    index = {(r["case"], r["dtype"], r["mode"], r["impl"]): r for r in rows}
+    cases = list(dict.fromkeys((r["case"], r["dtype"]) for r in rows))
+    labels = {r["case"]: f"{r['layout']} {'x'.join(map(str, r['shape']))}" for r in rows}
+    return index, cases, labels
+
+
+def format_layer(report: Report) -> str:
+    """The layer benchmark's human-readable tables."""
+    names = report["implementations"]
+    index, cases, labels = _layer_index(report)
+    cfg, summary = report["config"], report["summary"]
+    out = ["jaxbn.bench layer", *_header(report)]
+    out.append(
+        f"median of {cfg['reps']} interleaved reps after {cfg['warmup']} warm-up; "
+        "cell = ms (speedup vs flax = flax ms / ms, > 1 is faster) limit%; 'best anchor' = fastest non-jaxbn ms / "
+        f"jaxbn ms; limit% = (passes x x's bytes / ms) / bandwidth, passes {cfg['passes']}, bandwidth "
+        f"{summary['bandwidth_gbs']:.1f} GB/s (best {cfg['copy_bytes'] >> 20} MiB copy of the run)"
+    )
+    w0 = max([len(labels[c]) + 10 for c, _ in cases] + [24])
+    for mode in dict.fromkeys(r["mode"] for r in report["results"]):
+        out += ["", f"== {mode}: {MODE_TITLES[mode]} =="]
+        head = f"{'shape':<{w0}}" + "".join(f"{n:>24}" for n in names) + f"{'best anchor':>13}"
+        out += [head, "-" * len(head)]
+        for case, dt in cases:
+            cells = []
+            for n in names:
+                r = index.get((case, dt, mode, n))
+                cell = (
+                    "-"
+                    if r is None
+                    else f"{r['median_ms']:.2f} ({_x(r['speedup_vs_flax']):>6}) {_pct(r['limit_fraction']):>4}"
+                )
+                cells.append(f"{cell:>24}")
+            jb = index.get((case, dt, mode, "jaxbn"))
+            mark = " <" if jb and jb["vs_best_anchor"] is not None and jb["vs_best_anchor"] < 1 / 1.05 else ""
+            best = _x(jb["vs_best_anchor"]) if jb else "-"
+            out.append(f"{labels[case] + ' ' + dt:<{w0}}" + "".join(cells) + f"{best + mark:>13}")
+        for dt, vals in summary["geomean_speedup_vs_flax"][mode].items():
+            out.append(f"{'geomean speedup ' + dt:<{w0}}" + "".join(f"{_x(vals.get(n)):>24}" for n in names))
+    dts = list(dict.fromkeys(r["dtype"] for r in report["results"]))
+    out += ["", "== memory kept for the backward pass: batch-sized residuals of jax.vjp, multiple of x's bytes =="]
+    out.append(f"{'implementation':<14}" + "".join(f"{d:>12}" for d in dts))
+    for n in names:
+        out.append(
+            f"{n:<14}" + "".join(f"{summary['residual_multiple'].get(n, {}).get(d, float('nan')):>11.2f}x" for d in dts)
+        )
+    out += _collectives_lines(report.get("collectives"), markdown=False)
+    if report["skipped"]:
+        out += ["", *(f"skipped {n}: {why}" for n, why in report["skipped"].items())]
+    t = summary["targets"]
+    out += [
+        "",
+        "targets:",
+        f"  train+grad geomean speedup vs flax >= 1.25: {t['train+grad geomean speedup vs flax >= 1.25']}",
+        f"  jaxbn rows slower than the fastest anchor by > 5% (marked <): "
+        f"{len(t['jaxbn rows slower than the fastest anchor by > 5%'])}",
+        f"  jaxbn residuals <= 1.0x input: {t['jaxbn residuals <= 1.0x input']}",
+    ]
+    return "\n".join(out)
+
+
+def _collectives_lines(coll: Mapping[str, Any] | None, markdown: bool) -> list[str]:
+    if not coll:
+        return []
+    title = f"collectives in a synchronized train+grad step (shard_map over {coll['devices']} devices, compiled HLO)"
+    if "error" in coll:
+        return ["", f"{title}: not measured: {coll['error']}"]
+    if markdown:
+        out = ["", f"**Collectives** in a synchronized train+grad step ({coll['devices']} devices, compiled HLO):", ""]
+        out += ["| implementation | " + " | ".join(KINDS) + " | total |", "|---|" + "---:|" * (len(KINDS) + 1)]
+        for n, c in coll["counts"].items():
+            if "error" in c:
+                out.append(f"| {n} | not measured: {c['error']} |" + " |" * len(KINDS))
+            else:
+                out.append(f"| {n} | " + " | ".join(str(c.get(k, 0)) for k in KINDS) + f" | {sum(c.values())} |")
+        return out
+    out = ["", f"== {title} ==", f"{'implementation':<14}" + "".join(f"{k:>20}" for k in KINDS) + f"{'total':>8}"]
+    for n, c in coll["counts"].items():
+        if "error" in c:
+            out.append(f"{n:<14}not measured: {c['error']}")
+        else:
+            out.append(f"{n:<14}" + "".join(f"{c.get(k, 0):>20}" for k in KINDS) + f"{sum(c.values()):>8}")
+    return out
+
+
+def markdown_layer(report: Report) -> str:
+    """The layer benchmark as Markdown tables (what docs/benchmark.md shows)."""
+    names = report["implementations"]
+    index, cases, labels = _layer_index(report)
+    summary = report["summary"]
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in report["results"]):
+        out.append(
+            f"**{mode}**: {MODE_TITLES[mode]}. Median ms (speedup vs flax) and fraction of the bandwidth limit "
+            f"({report['config']['passes'][mode]} passes over x at {summary['bandwidth_gbs']:.1f} GB/s).\n"
+        )
+        out.append("| shape | dtype | " + " | ".join(names) + " | jaxbn vs best anchor |")
+        out.append("|---|---|" + "---:|" * (len(names) + 1))
+        for case, dt in cases:
+            cells = []
+            for n in names:
+                r = index.get((case, dt, mode, n))
+                cells.append(
+                    "-"
+                    if r is None
+                    else f"{r['median_ms']:.2f} ({_x(r['speedup_vs_flax'])}) {_pct(r['limit_fraction'])}"
+                )
+            jb = index.get((case, dt, mode, "jaxbn"))
+            best = "-" if jb is None else _x(jb["vs_best_anchor"])
+            if jb and jb["vs_best_anchor"] is not None and jb["vs_best_anchor"] < 1 / 1.05:
+                best = f"**{best}**"
+            out.append(f"| {labels[case]} | {dt} | " + " | ".join(cells) + f" | {best} |")
+        for dt, vals in summary["geomean_speedup_vs_flax"][mode].items():
+            out.append(f"| geomean | {dt} | " + " | ".join(_x(vals.get(n)) for n in names) + " | |")
+        out.append("")
+    dts = list(dict.fromkeys(r["dtype"] for r in report["results"]))
+    out += ["**Residuals** kept for the backward pass (batch-sized arrays, multiple of x's bytes):", ""]
+    out += ["| implementation | " + " | ".join(dts) + " |", "|---|" + "---:|" * len(dts)]
+    for n in names:
+        out.append(
+            f"| {n} | "
+            + " | ".join(f"{summary['residual_multiple'].get(n, {}).get(d, float('nan')):.2f}x" for d in dts)
+            + " |"
+        )
+    out += ["", "**HLO** of the train+grad programs: kernels / full-size passes over x (deterministic):", ""]
+    out += ["| shape | dtype | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for case, dt in cases:
+        cells = []
+        for n in names:
+            r = index.get((case, dt, "train+grad", n))
+            cells.append("-" if r is None else f"{r['kernels']} / {r['full_size_passes']:.1f}")
+        out.append(f"| {labels[case]} | {dt} | " + " | ".join(cells) + " |")
+    out += _collectives_lines(report.get("collectives"), markdown=True)
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ whole-model benchmark
+
+_MIB = 2**20
+
+
+def _model_groups(report: Report) -> list[tuple[str, str, str]]:
+    return list(dict.fromkeys((r["model"], r["placement"], r["dtype"]) for r in report["results"]))
+
+
+def format_model(report: Report, markdown: bool = False) -> str:
+    """The whole-model benchmark's table, plain text or Markdown.
+
+    Per row: median step ms, speedup vs flax (flax ms / ms) with the 25-75%
+    range of the per-round ratios, compile s, temp MiB, and BN's in-context
+    cost (this step minus the identity step): ms, bytes accessed (MiB and
+    ratio to flax's), kernels, temp MiB (ratio to flax's).
+    """
+    cols = [
+        "model", "placement", "dtype", "impl", "step ms", "vs flax", "(25-75%)", "compile s", "temp MiB",
+        "BN ms", "BN MiB accessed", "BN kernels", "BN temp MiB", "collectives",
+    ]  # fmt: skip
+    rows = []
+    for r in report["results"]:
+        bn = r.get("bn")
+        rows.append([
+            r["model"], r["placement"], r["dtype"], r["impl"], f"{r['median_ms']:.1f}", _x(r["speedup_vs_flax"]),
+            "-" if r.get("speedup_iqr") is None else f"{r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f}",
+            f"{r['compile_s']:.1f}", f"{r['temp_bytes'] / _MIB:.2f}",
+            "-" if bn is None else f"{bn['ms']:.1f}",
+            "-" if bn is None else f"{bn['bytes_accessed'] / _MIB:.1f} ({_x(bn['bytes_vs_flax'])})",
+            "-" if bn is None else f"{bn['kernels']} ({_x(bn['kernels_vs_flax'])})",
+            "-" if bn is None else f"{bn['temp_bytes'] / _MIB:.2f} ({_x(bn['temp_vs_flax'])})",
+            str(sum(r["collectives"].values())),
+        ])  # fmt: skip
+    if markdown:
+        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * 4 + "---:|" * (len(cols) - 4)]
+        out += ["| " + " | ".join(row) + " |" for row in rows]
+    else:
+        widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)] if rows else []
+        out = ["jaxbn.bench model", *_header(report)]
+        out.append(
+            f"median of {report['config']['reps']} interleaved reps; vs flax = flax step ms / step ms (> 1 faster); "
+            "BN = this step minus the identity (no BN) step"
+        )
+        out += ["", "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+        out += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    targets = report["summary"]["targets"]
+    out += [
+        "",
+        "targets (jaxbn.linen vs flax, every row):" if not markdown else "**Targets** (jaxbn.linen vs flax):",
+        "",
+    ]
+    for name, misses in targets.items():
+        out.append(f"{'- ' if markdown else '  '}{name}: {'met' if not misses else 'missed on ' + '; '.join(misses)}")
+    if report.get("skipped"):
+        out += ["", *(f"skipped {n}: {why}" for n, why in report["skipped"].items())]
+    return "\n".join(out)
