@@ -31,8 +31,6 @@ class _TrainOptions(TypedDict, total=False):
     axis_index_groups: AxisIndexGroups
     unbiased: bool
     dtype: DTypeLike
-    r_max: float
-    d_max: float
 
 
 def check_options(*, momentum: object, virtual_batch_size: object) -> None:
@@ -55,10 +53,12 @@ def _train(
     axes: tuple[int, ...],
     mask: jax.Array | None,
     axis_name: AxisName,
-    renorm: bool,
+    renorm: tuple[float, float] | None,
     options: _TrainOptions,
 ) -> tuple[jax.Array, RunningStats]:
     """One training call of the functional core on canonical feature axes.
+
+    `renorm` is None for batch norm, `(r_max, d_max)` for batch renorm.
 
     With one value per feature (and no `axis_name`) the core refuses to
     train; flax does not, so the input is seen twice along a new reduced
@@ -71,8 +71,10 @@ def _train(
             axis_name=axis_name, renorm=renorm, options=options,
         )
         return y2[0], new
-    if renorm:
-        return batch_renorm(x, stats, scale, bias, training=True, axis=axes, axis_name=axis_name, mask=mask, **options)
+    if renorm is not None:
+        r_max, d_max = renorm
+        return batch_renorm(x, stats, scale, bias, training=True, axis=axes, axis_name=axis_name, mask=mask,
+                            r_max=r_max, d_max=d_max, **options)
     return batch_norm(x, stats, scale, bias, training=True, axis=axes, axis_name=axis_name, mask=mask, **options)
 
 
@@ -144,14 +146,13 @@ def forward(
     layout = Layout.of(x.shape, axis)
     options = _TrainOptions(momentum=momentum, epsilon=epsilon, axis_index_groups=axis_index_groups,
                             unbiased=unbiased, dtype=out_dtype)
-    if renorm:
-        options.update(r_max=renorm_r_max, d_max=renorm_d_max)
+    clips = (renorm_r_max, renorm_d_max) if renorm else None
     checked_mask = check_mask(mask, x.shape)
     ghosts = GhostBatches.of(layout, virtual_batch_size, initializing)
     if ghosts is None:
         return _train(x, stats, scale, bias, axes=layout.feature_axes, mask=checked_mask, axis_name=axis_name,
-                      renorm=renorm, options=options)
+                      renorm=clips, options=options)
     y, new = _train(ghosts.split(x), ghosts.tile_stats(stats), ghosts.tile(scale), ghosts.tile(bias),
-                    axes=ghosts.axes, mask=ghosts.split_mask(checked_mask), axis_name=axis_name, renorm=renorm,
+                    axes=ghosts.axes, mask=ghosts.split_mask(checked_mask), axis_name=axis_name, renorm=clips,
                     options=options)
     return ghosts.merge(y, new)

@@ -3,7 +3,7 @@
 The Flax wrappers' `recompute_batch_stats` run the model over the batches
 with every jaxbn layer in *collect* mode (Linen: the collection
 `PRECISE_COLLECTION` is mutable; NNX: the layers' `collect_moments`
-attribute, set through `nnx.view`). A collecting layer normalizes with its
+attribute, set on a view by `nnx.with_attributes`). A collecting layer normalizes with its
 batch moments, leaves its running statistics alone and reports the
 `BatchMoments` of its input; `population_stats` merges every reported part
 with Chan's formula (`jaxbn._stats.chan_combine`, the one copy) into the
@@ -32,12 +32,12 @@ class BatchMoments(NamedTuple):
     """What a layer reports about one call's input, per feature (all devices).
 
     Attributes:
-      count: number of entries reduced (float32).
+      n: number of entries reduced (float32).
       mean: their mean (float32, complex64 for complex input).
       m2: the sum of their squared deviations from `mean`.
     """
 
-    count: jax.Array
+    n: jax.Array
     mean: jax.Array
     m2: jax.Array
 
@@ -53,7 +53,7 @@ def batch_moments(
     """The `BatchMoments` of a layer's input (the same reduction as training).
 
     >>> batch_moments(jnp.array([[0.0], [2.0]]), axis=-1, mask=None, axis_name=None, axis_index_groups=None)
-    BatchMoments(count=Array([2.], dtype=float32), mean=Array([1.], dtype=float32), m2=Array([2.], dtype=float32))
+    BatchMoments(n=Array([2.], dtype=float32), mean=Array([1.], dtype=float32), m2=Array([2.], dtype=float32))
     """
     m = moments(x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
     return BatchMoments(m.count, m.mean, m.var * m.count)
@@ -80,7 +80,9 @@ def population_stats(
     """
     if not parts:
         raise ValueError("no batch moments to combine")
-    n, mean, m2 = chan_combine(*(jnp.stack(field) for field in zip(*parts, strict=True)))
+    n, mean, m2 = chan_combine(
+        jnp.stack([p.n for p in parts]), jnp.stack([p.mean for p in parts]), jnp.stack([p.m2 for p in parts])
+    )
     var = m2 / jnp.maximum(n - 1.0 if unbiased else n, 1.0)
     old_mean, old_var = jnp.asarray(old_mean), jnp.asarray(old_var)
     mean_dtype = old_mean.dtype

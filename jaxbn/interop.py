@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.typing import VariableDict
 from jax.typing import DTypeLike
 
 from jaxbn._checks import check_epsilon, check_float, check_module_path, check_momentum
@@ -220,7 +221,7 @@ def from_torch(
 
 
 def to_torch(
-    variables: Mapping[str, Any], *, num_batches_tracked: int | None = None, dtype: DTypeLike = np.float32
+    variables: VariableDict, *, num_batches_tracked: int | None = None, dtype: DTypeLike = np.float32
 ) -> dict[str, np.ndarray]:
     """jaxbn/Flax batch-norm variables -> a PyTorch BatchNorm state dict (numpy arrays).
 
@@ -285,8 +286,8 @@ def to_torch(
     keys = ("weight", "bias", "running_mean", "running_var")
     out: dict[str, np.ndarray] = {k: np.array(arrays[k], dtype) for k in keys if k in arrays}  # writable copies
     if num_batches_tracked is None:
-        c = stats.get("count")
-        num_batches_tracked = 0 if c is None else int(_numpy(c, "count"))
+        stored = stats.get("count")
+        num_batches_tracked = 0 if stored is None else int(_numpy(stored, "count"))
     out["num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
     return out
 
@@ -375,7 +376,7 @@ def _subtree(flat: Mapping[_Key, Any], path: _Key, collection: str) -> object:
 
 
 def fold_linen(
-    variables: Mapping[str, Any],
+    variables: VariableDict,
     pairs: Sequence[tuple[ModulePath, ModulePath]],
     *,
     epsilon: float = 1e-5,
@@ -448,7 +449,7 @@ def fold_linen(
         try:
             kernel, bias = fold(
                 layer_params["kernel"], layer_params.get("bias"), bn_stats,  # type: ignore[arg-type]
-                bn_params.get(("scale",)), bn_params.get(("bias",)), epsilon=epsilon,  # type: ignore[arg-type]
+                bn_params.get(("scale",)), bn_params.get(("bias",)), epsilon=epsilon,
             )
         except (ValueError, TypeError) as e:
             raise type(e)(f"folding {'/'.join(bn)!r} into {'/'.join(layer)!r}: {e}") from e
@@ -529,7 +530,7 @@ def from_torch_model(
 
 
 def to_torch_model(
-    variables: Mapping[str, Any], mapping: Mapping[str, ModulePath], *, dtype: DTypeLike = np.float32
+    variables: VariableDict, mapping: Mapping[str, ModulePath], *, dtype: DTypeLike = np.float32
 ) -> dict[str, np.ndarray]:
     """Flax variables -> a PyTorch state dict, by module name (inverse of `from_torch_model`).
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import FrozenDict, unfreeze
-from flax.typing import Initializer
+from flax.typing import Initializer, VariableDict
 from jax.nn import initializers
 from jax.typing import ArrayLike, DTypeLike
 
@@ -174,8 +174,8 @@ class BatchNorm(nn.Module):
 
 
 def recompute_batch_stats(
-    model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Any], **apply_kwargs: Any
-) -> Mapping[str, Any]:
+    model: nn.Module, variables: VariableDict, batches: Iterable[object], **apply_kwargs: Any
+) -> VariableDict:
     """Replaces every BatchNorm layer's running stats by its input's population statistics.
 
     "Precise BN" (fvcore's estimator): the model is run over `batches` with
@@ -217,7 +217,7 @@ def recompute_batch_stats(
     """
     mutable = ["batch_stats", PRECISE_COLLECTION]
 
-    def run(v: Mapping[str, Any], args: tuple[Any, ...]) -> Mapping[str, Any]:
+    def run(v: VariableDict, args: tuple[object, ...]) -> Mapping[str, Any]:
         _, state = model.apply(v, *args, mutable=mutable, **apply_kwargs)
         return state.get(PRECISE_COLLECTION, {})
 

@@ -97,10 +97,13 @@ class BatchNorm(nnx.Module):
         is split into groups of this size, each normalized with its own
         moments; the running stats take the mean of the groups' moments.
       unbiased: store the unbiased batch variance (var * n / (n - 1)).
-      collect_moments: precise-BN mode, set by `recompute_batch_stats`
-        through ``nnx.view(model, collect_moments=True)``: normalize with the
-        batch moments whatever `use_running_average` says, leave the running
-        stats alone and sow the input's moments (a `PreciseMoments`).
+
+    The attribute `collect_moments` (False) is precise-BN mode, set by
+    `recompute_batch_stats` on a view of the model
+    (``nnx.with_attributes(model, only=BatchNorm, collect_moments=True)``):
+    the layer then normalizes with the batch moments whatever
+    `use_running_average` says, leaves the running stats alone and sows the
+    moments of its input (a `PreciseMoments`).
 
     >>> import jax.numpy as jnp, jaxbn.nnx
     >>> from flax import nnx
@@ -139,7 +142,6 @@ class BatchNorm(nnx.Module):
         renorm_d_max: float = 5.0,
         virtual_batch_size: int | None = None,
         unbiased: bool = False,
-        collect_moments: bool = False,
     ):
         check_options(momentum=momentum, virtual_batch_size=virtual_batch_size)
         feature_shape = (num_features,)
@@ -177,7 +179,7 @@ class BatchNorm(nnx.Module):
         self.renorm_d_max = renorm_d_max
         self.virtual_batch_size = virtual_batch_size
         self.unbiased = unbiased
-        self.collect_moments = collect_moments
+        self.collect_moments = False
 
     def __call__(
         self, x: ArrayLike, use_running_average: bool | None = None, *, mask: ArrayLike | None = None
@@ -198,14 +200,15 @@ class BatchNorm(nnx.Module):
                 use_running_average, self.use_running_average, error_msg=_NO_MODE
             )
         training = self.collect_moments or not use_running_average
-        x = as_float(x)
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         raw_mean, raw_var = self.mean[...], self.var[...]
-        x, mean, var, scale, bias = self.promote_dtype((x, raw_mean, raw_var, scale, bias), dtype=self.dtype)
+        promoted = self.promote_dtype((as_float(x), raw_mean, raw_var, scale, bias), dtype=self.dtype)
+        x_, mean, var, scale, bias = (None if a is None else jnp.asarray(a) for a in promoted)
+        assert x_ is not None and mean is not None and var is not None
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
         y, new = forward(
-            x, RunningStats(raw_mean, raw_var, count), scale, bias, training=training, initializing=False,
+            x_, RunningStats(raw_mean, raw_var, count), scale, bias, training=training, initializing=False,
             axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype, renorm=self.renorm,
             renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
@@ -213,7 +216,7 @@ class BatchNorm(nnx.Module):
         )
         if self.collect_moments:
             part = batch_moments(
-                x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
+                x_, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
             )
             self.sow(PreciseMoments, "precise_moments", part)
         elif training:
@@ -223,25 +226,22 @@ class BatchNorm(nnx.Module):
                 self.count[...] = new.count
         return y
 
-    def set_view(self, use_running_average: bool | None = None, collect_moments: bool | None = None) -> None:
+    def set_view(self, use_running_average: bool | None = None) -> None:
         """Class method used by ``nnx.view``.
 
         Args:
           use_running_average: if True, the stored batch statistics will be
             used instead of computing the batch statistics on the input.
-          collect_moments: precise-BN mode (see the class docstring).
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
-        if collect_moments is not None:
-            self.collect_moments = collect_moments
 
 
 def _layers(model: nnx.Module) -> list[BatchNorm]:
     return [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
 
 
-def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> None:
+def recompute_batch_stats(model: nnx.Module, batches: Iterable[object]) -> None:
     """Replaces every BatchNorm layer's running stats by its input's population statistics, in place.
 
     "Precise BN" (fvcore's estimator), as `jaxbn.linen.recompute_batch_stats`:
@@ -252,9 +252,10 @@ def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> None:
     biased variance about it (times N / (N - 1) for `unbiased=True` layers);
     a `count` becomes the number of batches. Nothing else in the model
     changes: parameters, other modules' state and the layers' modes are kept.
-    The model runs as ``nnx.view(model, collect_moments=True)``, a view whose
-    layers are in precise-BN mode, so `nnx.jit` inside the model traces that
-    mode apart from the others.
+    The model runs as a view whose layers are in precise-BN mode
+    (``nnx.with_attributes(model, only=BatchNorm, collect_moments=True)``; the
+    model itself is not modified), a static attribute, so `nnx.jit` inside the
+    model traces that mode apart from the others.
 
     Args:
       model: an NNX model containing `jaxbn.nnx.BatchNorm` layers.
@@ -274,9 +275,9 @@ def recompute_batch_stats(model: nnx.Module, batches: Iterable[Any]) -> None:
     layers = _layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no jaxbn.nnx.BatchNorm layer to recompute")
-    graphdef, state = nnx.split(nnx.view(model, only=BatchNorm, collect_moments=True))
+    graphdef, state = nnx.split(nnx.with_attributes(model, only=BatchNorm, collect_moments=True))
 
-    def run(state: nnx.State, args: tuple[Any, ...]) -> list[tuple[BatchMoments, ...]]:
+    def run(state: nnx.State, args: tuple[object, ...]) -> list[tuple[BatchMoments, ...]]:
         collecting = nnx.merge(graphdef, state)
         _, sown = nnx.capture(lambda m, *a: m(*a), PreciseMoments)(collecting, *args)
         by_path = {path[:-1]: tuple(var.get_value()) for path, var in nnx.to_flat_state(sown)}
