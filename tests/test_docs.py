@@ -1,14 +1,18 @@
-"""The documentation works: README code runs, every public name has a doctested example.
+"""The documentation works: README and guide code runs, every public name has a doctested example.
 
-* Every ```python block of README.md runs, each in a fresh namespace, in one
-  subprocess with 8 simulated CPU devices (the sync-BN blocks need them).
+* Every ```python block of README.md and of the guide pages in DOC_PAGES runs,
+  each in a fresh namespace, in one subprocess with 8 simulated CPU devices
+  (the sync-BN blocks need them).
   A block whose first line is a comment starting with ``# not run`` (e.g.
   ``# not run: needs 2 processes``) is only compiled, not run.
 * Every name in ``jaxbn.__all__`` and in the ``__all__`` of ``jaxbn.linen``,
   ``jaxbn.nnx`` and ``jaxbn.interop`` has a docstring with a ``>>>`` example
   (run by pytest's --doctest-modules); a constant is described in its module's
   docstring or a public function's.
-* The README keeps the exact commands CI and new users run.
+* The README keeps the exact commands CI and new users run, and its relative
+  links and images point at files that exist.
+* Every example has a header saying how to run it and a row in docs/examples.md.
+* CHANGELOG.md has an entry for ``jaxbn.__version__``, newest first.
 """
 
 from __future__ import annotations
@@ -25,18 +29,20 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+# Guide pages whose ```python blocks run (the other pages' owners test theirs).
+DOC_PAGES = ("docs/index.md", "docs/quickstart.md", "docs/sync.md", "docs/modules.md", "docs/deploy.md")
 PUBLIC_MODULES = ("jaxbn", "jaxbn.linen", "jaxbn.nnx", "jaxbn.interop")
 TEST_COMMAND = 'python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest'
 DEMO_COMMAND = 'python3 -m venv .venv && .venv/bin/pip install -e ".[examples]" && .venv/bin/python examples/demo.py'
 
 
-def readme_blocks() -> list[tuple[int, str]]:
-    """(line number, code) of every ```python block of the README."""
-    with open(README, encoding="utf-8") as f:
+def python_blocks(path: str) -> list[tuple[str, str]]:
+    """("path:line", code) of every ```python block of the Markdown file `path` (relative to the root)."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
         text = f.read()
     blocks = []
     for m in re.finditer(r"^```python[ \t]*\n(.*?)^```[ \t]*$", text, flags=re.S | re.M):
-        blocks.append((text.count("\n", 0, m.start()) + 1, m.group(1)))
+        blocks.append((f"{path}:{text.count(chr(10), 0, m.start()) + 1}", m.group(1)))
     return blocks
 
 
@@ -45,7 +51,8 @@ def is_not_run(code: str) -> bool:
     return first.lower().startswith("# not run")
 
 
-BLOCKS = readme_blocks()
+README_BLOCKS = python_blocks("README.md")
+BLOCKS = README_BLOCKS + [b for page in DOC_PAGES for b in python_blocks(page)]
 
 # Runs each block in a fresh namespace; prints one JSON line per block.
 _RUNNER = r"""
@@ -53,7 +60,7 @@ import json, sys, traceback
 blocks = json.load(sys.stdin)
 for line, code, compile_only in blocks:
     try:
-        compiled = compile(code, f"README.md:{line}", "exec")
+        compiled = compile(code, line, "exec")
         if not compile_only:
             exec(compiled, {"__name__": "__readme__"})
         print(json.dumps({"line": line, "ok": True}), flush=True)
@@ -63,7 +70,7 @@ for line, code, compile_only in blocks:
 
 
 @pytest.fixture(scope="module")
-def readme_results() -> dict[int, dict]:
+def block_results() -> dict[str, dict]:
     env = dict(os.environ, MPLBACKEND="Agg")
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
@@ -76,19 +83,22 @@ def readme_results() -> dict[int, dict]:
             r = json.loads(out)
             results[r["line"]] = r
     if len(results) != len(BLOCKS):
-        pytest.fail(f"README runner stopped early (rc {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        pytest.fail(f"Markdown block runner stopped early (rc {proc.returncode}):\n"
+                    f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
     return results
 
 
-def test_readme_has_python_blocks():
-    assert len(BLOCKS) >= 4, "README.md should show the functional API, Linen, NNX and sync-BN in ```python blocks"
-    assert sum(not is_not_run(code) for _, code in BLOCKS) >= 4
+def test_readme_and_quickstart_have_python_blocks():
+    assert any(not is_not_run(code) for _, code in README_BLOCKS), "README.md should show a runnable example"
+    quick = python_blocks("docs/quickstart.md")
+    assert sum(not is_not_run(code) for _, code in quick) >= 4, (
+        "docs/quickstart.md should show the functional API, Linen, NNX and sync-BN in ```python blocks")
 
 
-@pytest.mark.parametrize("line", [line for line, _ in BLOCKS], ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_block_runs(line, readme_results):
-    r = readme_results[line]
-    assert r["ok"], f"the ```python block at README.md:{line} failed:\n{r['error']}"
+@pytest.mark.parametrize("where", [where for where, _ in BLOCKS], ids=[where for where, _ in BLOCKS])
+def test_markdown_block_runs(where, block_results):
+    r = block_results[where]
+    assert r["ok"], f"the ```python block at {where} failed:\n{r['error']}"
 
 
 def test_readme_keeps_the_commands():
@@ -99,14 +109,27 @@ def test_readme_keeps_the_commands():
     assert os.path.exists(os.path.join(ROOT, "examples", "demo.py"))
 
 
-def test_readme_images_exist():
+def test_readme_images_and_links_exist():
     with open(README, encoding="utf-8") as f:
         text = f.read()
     images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
     assert images, "README.md should show the demo's plot"
-    for path in images:
+    links = re.findall(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)", text)
+    assert "docs/api.md" in links and "docs/quickstart.md" in links, "README.md should link into the docs"
+    for path in links:
         if not path.startswith(("http://", "https://")):
-            assert os.path.exists(os.path.join(ROOT, path)), f"README.md shows {path}, which does not exist"
+            assert os.path.exists(os.path.join(ROOT, path)), f"README.md links to {path}, which does not exist"
+
+
+def test_changelog_names_the_current_version():
+    import jaxbn
+
+    with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as f:
+        releases = re.findall(r"^## \[?(\d+\.\d+\.\d+)\]?", f.read(), flags=re.M)
+    assert releases, "CHANGELOG.md has no '## X.Y.Z' release heading"
+    assert jaxbn.__version__ in releases, f"CHANGELOG.md has no '## {jaxbn.__version__}' entry (jaxbn.__version__)"
+    newest = tuple(int(p) for p in releases[0].split("."))
+    assert newest >= tuple(int(p) for p in jaxbn.__version__.split(".")), "CHANGELOG.md's newest entry must come first"
 
 
 # Docstrings without an example yet, in files outside this test's owner's; drop an entry once fixed.
@@ -156,5 +179,5 @@ def test_example_has_header_and_readme_entry(name):
         doc = ast.get_docstring(ast.parse(f.read())) or ""
     assert len(doc.splitlines()) >= 3, f"examples/{name} needs a docstring header saying what it shows"
     assert f"examples/{name}" in doc, f"examples/{name}'s docstring should say how to run it (python examples/{name})"
-    with open(README, encoding="utf-8") as f:
-        assert f"`{name}`" in f.read(), f"examples/{name} is missing from the README's examples table"
+    with open(os.path.join(ROOT, "docs", "examples.md"), encoding="utf-8") as f:
+        assert f"| `{name}` |" in f.read(), f"examples/{name} is missing from docs/examples.md's table"
