@@ -202,6 +202,15 @@ def test_checkpoints_load_both_ways():
     jax.tree.map(lambda a, b: close(a, b, 1e-5), s2, hs2)
 
 
+def test_jit_and_eager_agree():
+    x, mask = 1.0 + ref.normal(14, (6, 2, 3)), ref.bernoulli(15, 0.7, (6, 2, 1))
+    f = transformed(jaxbn.haiku.BatchNorm)
+    params, state = f.init(None, x, True)
+    eager = f.apply(params, state, None, x, True, mask=mask)
+    jitted = jax.jit(f.apply, static_argnums=4)(params, state, None, x, True, mask=mask)
+    jax.tree.map(lambda a, b: close(a, b, 1e-6), eager, jitted)
+
+
 # ---------------------------------------------------------------- fixed faults (float64 references)
 
 
@@ -359,6 +368,22 @@ def test_cross_replica_under_vmap_matches_the_whole_batch(masked):
     if masked:  # equal-weight averaging of the replicas' means (pmean of means) is wrong here
         per_replica = [ref.moments(X[r], mask=MASK[r])[0] for r in range(D) if VALID[r]]
         assert np.abs(np.mean(per_replica, axis=0) - mean).max() > 0.1
+
+
+def test_cross_replica_over_two_nested_vmap_names():
+    """cross_replica_axis as a list of names (haiku's Sequence[str]): the statistics span both."""
+    f = transformed(jaxbn.haiku.BatchNorm, cross_replica_axis=["i", "j"], create_scale=False, create_offset=False)
+
+    def step(x, mask):
+        params, state = f.init(None, x, True, mask=mask)
+        return f.apply(params, state, None, x, True, mask=mask)
+
+    nested = jax.jit(jax.vmap(jax.vmap(step, axis_name="j"), axis_name="i"))
+    y, state = nested(X.reshape(2, 4, B, C), MASK.reshape(2, 4, B, 1))
+    xf, mf = X.reshape(-1, C), MASK.reshape(-1, 1)
+    mean, var, _ = ref.moments(xf, mask=mf)
+    close(np.asarray(y).reshape(-1, C), ref.normalize(xf, mean, var), 1e-4)
+    close(np.asarray(state[VAR]["average"]).reshape(-1, C), np.broadcast_to(var, (D, C)), 1e-5)
 
 
 @needs_8
