@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
-from flax.core import FrozenDict, unfreeze
+from flax.core import FrozenDict
 from flax.typing import Initializer, VariableDict
 from jax.nn import initializers
 from jax.typing import ArrayLike, DTypeLike
@@ -242,7 +242,7 @@ def recompute_batch_stats(
             f"their moments), and a lifted transform (nn.scan, nn.vmap, ...) around them must list the collection "
             f"{PRECISE_COLLECTION!r} in variable_axes, e.g. variable_axes={{True: 0}}"
         )
-    stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
+    stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
     for layer, layer_parts in parts.items():
         mean, var = population_stats(
             layer_parts, stats[layer + ("mean",)], stats[layer + ("var",)], unbiased=unbiased[layer]
