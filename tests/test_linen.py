@@ -427,3 +427,73 @@ def test_ghost_batch_with_mask(mask_shape):
                                                                                                  strict=True)])
     _close(y, y_ref, rtol=1e-4, atol=1e-4)
     _close(upd["batch_stats"], {"mean": np.mean([p[0] for p in parts], 0), "var": np.mean([p[1] for p in parts], 0)})
+
+
+# ---------------------------------------------------------------- bad batches (issue 11)
+# References from the definition, float64: a feature whose batch has inf/NaN keeps its running stats, the others
+# take the EMA of their batch moments; masked-out NaN changes nothing; momentum=None across an all-masked batch is
+# the plain average of the batches that contributed.
+
+
+def _train(x, momentum=0.9, mask=None, variables=None):
+    bn = BN(use_running_average=False, momentum=momentum)
+    v = variables if variables is not None else bn.init(jax.random.key(0), x)
+    y, upd = bn.apply(v, x, mask=mask, mutable=["batch_stats"])
+    return y, {**v, **upd}
+
+
+def _stats(v):
+    return {k: np.asarray(a) for k, a in v["batch_stats"].items()}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_keep_their_running_stats(bad):
+    x = _normal(11, (16, 3)) * 2.0 + 1.0
+    _, v = _train(x)  # running stats away from their initial values
+    before = _stats(v)
+    x2 = _normal(12, (16, 3)) + 3.0
+    x2[5, 1] = bad
+    _, v2 = _train(x2, variables=v)
+    after = _stats(v2)
+    good = [0, 2]
+    xg = x2.astype(np.float64)[:, good]
+    np.testing.assert_allclose(after["mean"][good], 0.9 * before["mean"][good] + 0.1 * xg.mean(0), **F32)
+    np.testing.assert_allclose(after["var"][good], 0.9 * before["var"][good] + 0.1 * xg.var(0), **F32)
+    np.testing.assert_array_equal(after["mean"][1], before["mean"][1])
+    np.testing.assert_array_equal(after["var"][1], before["var"][1])
+
+
+def test_an_entirely_non_finite_batch_is_a_no_op_count_included():
+    x = _normal(13, (8, 3))
+    _, v = _train(x, momentum=None)
+    before = _stats(v)
+    _, v2 = _train(np.full((8, 3), np.nan, np.float32), momentum=None, variables=v)
+    jax.tree.map(np.testing.assert_array_equal, _stats(v2), before)
+    assert int(before["count"]) == 1
+
+
+def test_nan_in_masked_entries_changes_nothing():
+    x = _normal(14, (12, 3)) + 2.0
+    mask = np.ones((12, 1), bool)
+    mask[[2, 7]] = False
+    dirty = x.copy()
+    dirty[[2, 7]] = np.nan
+    y_dirty, v_dirty = _train(dirty, mask=mask)
+    y_clean, v_clean = _train(x, mask=mask)
+    jax.tree.map(np.testing.assert_array_equal, _stats(v_dirty), _stats(v_clean))
+    np.testing.assert_array_equal(np.asarray(y_dirty)[mask[:, 0]], np.asarray(y_clean)[mask[:, 0]])
+    kept = x.astype(np.float64)[mask[:, 0]]
+    np.testing.assert_allclose(_stats(v_clean)["mean"], 0.1 * kept.mean(0), **F32)
+
+
+def test_cumulative_average_skips_an_all_masked_batch():
+    batches = [_normal(s, (8, 2)) * (1 + s) + s for s in (15, 16, 17)]
+    masks = [None, np.zeros((8, 1), bool), None]
+    v = None
+    for x, m in zip(batches, masks, strict=True):
+        _, v = _train(x, momentum=None, mask=m, variables=v)
+    got = _stats(v)
+    contributing = [batches[0].astype(np.float64), batches[2].astype(np.float64)]
+    np.testing.assert_allclose(got["mean"], np.mean([b.mean(0) for b in contributing], 0), **F32)
+    np.testing.assert_allclose(got["var"], np.mean([b.var(0) for b in contributing], 0), **F32)
+    assert int(got["count"]) == 2

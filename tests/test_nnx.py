@@ -290,3 +290,68 @@ def test_orbax_round_trip_into_flax(tmp_path):
     theirs.eval()
     ours.eval()
     _close(theirs(x), ours(x))
+
+
+# ---------------------------------------------------------------- bad batches (issue 11)
+# References from the definition, float64: a feature whose batch has inf/NaN keeps its running stats, the others
+# take the EMA of their batch moments; masked-out NaN changes nothing; momentum=None across an all-masked batch is
+# the plain average of the batches that contributed.
+
+
+def _stats(layer):
+    out = {"mean": np.array(layer.mean[...]), "var": np.array(layer.var[...])}
+    if layer.momentum is None:
+        out["count"] = np.array(layer.count[...])
+    return out
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_keep_their_running_stats(bad):
+    layer = BN(3, momentum=0.9, rngs=nnx.Rngs(0))
+    layer(_normal(11, (16, 3)) * 2.0 + 1.0)  # running stats away from their initial values
+    before = _stats(layer)
+    x2 = _normal(12, (16, 3)) + 3.0
+    x2[5, 1] = bad
+    layer(x2)
+    after = _stats(layer)
+    good = [0, 2]
+    xg = x2.astype(np.float64)[:, good]
+    np.testing.assert_allclose(after["mean"][good], 0.9 * before["mean"][good] + 0.1 * xg.mean(0), **F32)
+    np.testing.assert_allclose(after["var"][good], 0.9 * before["var"][good] + 0.1 * xg.var(0), **F32)
+    np.testing.assert_array_equal(after["mean"][1], before["mean"][1])
+    np.testing.assert_array_equal(after["var"][1], before["var"][1])
+
+
+def test_an_entirely_non_finite_batch_is_a_no_op_count_included():
+    layer = BN(3, momentum=None, rngs=nnx.Rngs(0))
+    layer(_normal(13, (8, 3)))
+    before = _stats(layer)
+    nnx.jit(lambda m, x: m(x))(layer, jnp.full((8, 3), jnp.inf))
+    jax.tree.map(np.testing.assert_array_equal, _stats(layer), before)
+    assert int(before["count"]) == 1
+
+
+def test_nan_in_masked_entries_changes_nothing():
+    x = _normal(14, (12, 3)) + 2.0
+    mask = np.ones((12, 1), bool)
+    mask[[2, 7]] = False
+    dirty = x.copy()
+    dirty[[2, 7]] = np.nan
+    clean_layer, dirty_layer = BN(3, momentum=0.9, rngs=nnx.Rngs(0)), BN(3, momentum=0.9, rngs=nnx.Rngs(0))
+    y_clean, y_dirty = clean_layer(x, mask=mask), dirty_layer(dirty, mask=mask)
+    jax.tree.map(np.testing.assert_array_equal, _stats(dirty_layer), _stats(clean_layer))
+    np.testing.assert_array_equal(np.asarray(y_dirty)[mask[:, 0]], np.asarray(y_clean)[mask[:, 0]])
+    kept = x.astype(np.float64)[mask[:, 0]]
+    np.testing.assert_allclose(_stats(clean_layer)["var"], 0.9 + 0.1 * kept.var(0), **F32)
+
+
+def test_cumulative_average_skips_an_all_masked_batch():
+    layer = BN(2, momentum=None, rngs=nnx.Rngs(0))
+    batches = [_normal(s, (8, 2)) * (1 + s) + s for s in (15, 16, 17)]
+    for x, m in zip(batches, [None, np.zeros((8, 1), bool), None], strict=True):
+        layer(x, mask=m)
+    got = _stats(layer)
+    contributing = [batches[0].astype(np.float64), batches[2].astype(np.float64)]
+    np.testing.assert_allclose(got["mean"], np.mean([b.mean(0) for b in contributing], 0), **F32)
+    np.testing.assert_allclose(got["var"], np.mean([b.var(0) for b in contributing], 0), **F32)
+    assert int(got["count"]) == 2

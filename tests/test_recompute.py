@@ -276,3 +276,42 @@ def test_nnx_jit_inside_the_model_traces_each_mode():
     before = stats()
     model(batches[1])  # the same nnx.jit function trains again
     np.testing.assert_allclose(stats(), _ema(before, batches[1]), rtol=1e-5, atol=1e-6)
+
+
+# Bad batches (issue 11): masked entries, even NaN ones, and an all-masked batch contribute nothing.
+
+
+def _masked_batches():
+    rng = np.random.default_rng(5)
+    xs = [(1.0 + 2.0 * rng.normal(size=(n, 2))).astype(np.float32) for n in (6, 4, 7)]
+    masks = [np.ones((6, 1), bool), np.zeros((4, 1), bool), np.array([[1], [0], [1], [1], [0], [1], [1]], bool)]
+    xs[1][:] = np.nan  # all masked
+    xs[2][~masks[2][:, 0]] = np.nan  # NaN only where masked
+    kept = np.concatenate([xs[0], xs[2][masks[2][:, 0]]]).astype(np.float64)
+    return list(zip(xs, masks, strict=True)), kept
+
+
+class _LinenMasked(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask):
+        return jaxbn.linen.BatchNorm(use_running_average=True)(x, mask=mask)
+
+
+class _NNXMasked(nnx.Module):
+    def __init__(self, rngs):
+        self.bn = jaxbn.nnx.BatchNorm(2, use_running_average=True, rngs=rngs)
+
+    def __call__(self, x, mask):
+        return self.bn(x, mask=mask)
+
+
+def test_masked_nan_and_all_masked_batches_contribute_nothing():
+    batches, kept = _masked_batches()
+    v = _LinenMasked().init(jax.random.key(0), *batches[0])
+    out = jaxbn.linen.recompute_batch_stats(_LinenMasked(), v, batches)
+    np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["mean"], kept.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["batch_stats"]["BatchNorm_0"]["var"], kept.var(0), rtol=1e-5)
+    model = _NNXMasked(nnx.Rngs(0))
+    jaxbn.nnx.recompute_batch_stats(model, batches)
+    np.testing.assert_allclose(model.bn.mean[...], kept.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bn.var[...], kept.var(0), rtol=1e-5)
