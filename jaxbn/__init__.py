@@ -5,6 +5,7 @@ cross-device statistics, and drop-in Flax modules (`jaxbn.linen`,
 `jaxbn.nnx`).
 """
 
+from jaxbn._fold import fold as fold
 from jaxbn._norm import batch_norm as batch_norm
 from jaxbn._norm import batch_renorm as batch_renorm
 from jaxbn._norm import normalize as normalize
@@ -15,18 +16,16 @@ from jaxbn._running import update_stats as update_stats
 from jaxbn._stats import GATHER_MAX_DEVICES as GATHER_MAX_DEVICES
 from jaxbn._stats import moments as moments
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_SUBMODULES = ("linen", "nnx", "interop", "benchmark")
+_SUBMODULES = ("linen", "nnx", "interop")
 
 
-def __getattr__(name: str):  # lazy: `import jaxbn` stays light, `jaxbn.linen` still works
+def __getattr__(name: str) -> object:  # lazy: `import jaxbn` stays light (no Flax), `jaxbn.linen` still works
     import importlib
 
     if name in _SUBMODULES:
         return importlib.import_module(f"jaxbn.{name}")
-    if name == "fold":
-        return importlib.import_module("jaxbn._fold").fold
     raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
 
 

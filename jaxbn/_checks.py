@@ -228,3 +228,33 @@ def axis_size(axis_name: AxisName, axis_index_groups: AxisIndexGroups = None) ->
             )
         size = sizes.pop()
     return size
+
+
+def check_trainable(shape: Sequence[int], axis: Axes, per_feature: int, axis_name: AxisName) -> None:
+    """Training needs more than one value per feature unless `axis_name` brings more from other devices."""
+    if per_feature <= 1 and axis_name is None:
+        raise ValueError(
+            f"training needs more than one value per feature, but x of shape {tuple(shape)} has "
+            f"{per_feature} per feature on axis={axis!r}; use a larger batch, set axis_name to "
+            "synchronize across devices, or training=False"
+        )
+
+
+def check_renorm_clips(r_max: object, d_max: object) -> None:
+    """Batch renorm's clips: r_max >= 1, d_max >= 0 (traced values are not checked)."""
+    for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        if isinstance(value, jax.core.Tracer):
+            continue
+        if isinstance(value, bool | str) or not isinstance(value, numbers.Real | np.ndarray | jax.Array):
+            raise TypeError(f"{name} must be a number >= {low:g}, got {value!r}")
+        if not float(value) >= low:  # type: ignore[arg-type]
+            raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
+
+
+def check_stats_tuple(stats: object) -> tuple[ArrayLike, ArrayLike, ArrayLike]:
+    """`stats` must be a RunningStats (or a (mean, var, count) triple)."""
+    if isinstance(stats, tuple) and len(stats) == 3:
+        return stats  # type: ignore[return-value]
+    raise TypeError(
+        f"stats must be a jaxbn.RunningStats, got {type(stats).__name__}; build one with jaxbn.init_stats(features)"
+    )
