@@ -95,3 +95,88 @@ def test_one_value_per_feature_is_fine_with_axis_name():
 def test_mask_integer_is_accepted():
     y, _ = _bn(mask=jnp.ones((8, 1), jnp.int32))
     assert y.shape == X.shape
+
+
+# One momentum check (jaxbn._checks.check_momentum) behind every entry point: a string such as '0.9' is a
+# TypeError everywhere (float('0.9') would have accepted it), out of range a ValueError, numbers and 0-d arrays fine.
+
+
+def _momentum_entry_points():
+    from flax import nnx
+
+    import jaxbn.interop
+    import jaxbn.linen
+    import jaxbn.nnx
+
+    x = np.ones((4, 2), np.float32)
+    return {
+        "batch_norm": lambda m: _bn(momentum=m),
+        "batch_renorm": lambda m: jaxbn.batch_renorm(X, S, training=True, momentum=m),
+        "update_stats": lambda m: jaxbn.update_stats(S, jaxbn.moments(X), momentum=m),
+        "linen": lambda m: jaxbn.linen.BatchNorm(use_running_average=False, momentum=m).init(jax.random.key(0), x),
+        "nnx": lambda m: jaxbn.nnx.BatchNorm(2, momentum=m, rngs=nnx.Rngs(0)),
+        "torch_momentum_to_jaxbn": jaxbn.interop.torch_momentum_to_jaxbn,
+        "jaxbn_momentum_to_torch": jaxbn.interop.jaxbn_momentum_to_torch,
+    }
+
+
+@pytest.mark.parametrize(
+    "entry", ["batch_norm", "batch_renorm", "update_stats", "linen", "nnx", "torch_momentum_to_jaxbn",
+              "jaxbn_momentum_to_torch"]
+)
+def test_momentum_is_checked_the_same_everywhere(entry):
+    call = _momentum_entry_points()[entry]
+    for bad in ("0.9", b"0.9", True, [0.9], jnp.ones(2)):
+        with pytest.raises(TypeError, match=r"momentum must be a float in \[0, 1\] or None, got"):
+            call(bad)
+    for out in (1.5, -0.1, np.float32(2.0)):
+        with pytest.raises(ValueError, match=r"momentum=.* is outside \[0, 1\]"):
+            call(out)
+    for ok in (0.9, 1, np.float64(0.5), jnp.asarray(0.9), None):
+        call(ok)
+
+
+def test_torch_momentum_message_speaks_of_torch():
+    import jaxbn.interop
+
+    with pytest.raises(ValueError, match=r"PyTorch's momentum is the weight of the new batch"):
+        jaxbn.interop.torch_momentum_to_jaxbn(2.0)
+    with pytest.raises(ValueError, match=r"PyTorch's 0.1 is jaxbn's 0.9"):
+        jaxbn.interop.jaxbn_momentum_to_torch(2.0)
+
+
+@pytest.mark.parametrize("size", [0, -2, 2.0, True, "4"])
+def test_virtual_batch_size_is_checked_by_both_modules(size):
+    from flax import nnx
+
+    import jaxbn.linen
+    import jaxbn.nnx
+
+    x = np.ones((4, 2), np.float32)
+    with pytest.raises(ValueError, match=r"virtual_batch_size must be None or an int >= 1, got"):
+        jaxbn.linen.BatchNorm(use_running_average=False, virtual_batch_size=size).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"virtual_batch_size must be None or an int >= 1, got"):
+        jaxbn.nnx.BatchNorm(2, virtual_batch_size=size, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("path, error, match", [
+    (3, TypeError, r"layer path must be a module name, an 'a/b' path or a tuple of names, got 3"),
+    (("a", 1), TypeError, r"layer path must be a module name"),
+    ("//", ValueError, r"layer path must name a module, got '//'"),
+])
+def test_module_paths_are_checked(path, error, match):
+    import jaxbn.interop
+
+    v = {"params": {"Dense_0": {"kernel": jnp.ones((2, 2))}}, "batch_stats": {}}
+    with pytest.raises(error, match=match):
+        jaxbn.interop.fold_linen(v, [(path, "BatchNorm_0")])
+
+
+def test_float_checks_name_the_argument_in_fold_and_interop():
+    import jaxbn.interop
+
+    with pytest.raises(TypeError, match=r"kernel must be a floating-point array, got dtype int32 with shape \(3, 2\)"):
+        jaxbn.fold(jnp.ones((3, 2), jnp.int32), None, S._replace(mean=jnp.zeros(2), var=jnp.ones(2)))
+    with pytest.raises(TypeError, match=r"weight must be a floating-point array, got dtype complex64"):
+        jaxbn.interop.from_torch({"weight": np.ones(2, np.complex64), "bias": np.zeros(2),
+                                  "running_mean": np.zeros(2), "running_var": np.ones(2)})
