@@ -68,11 +68,15 @@ class _GuardedEMA(hk.ExponentialMovingAverage):
     counter (one scalar) goes up only when at least one entry is valid, so
     an entirely skipped batch changes nothing. The update is computed in the
     dtype of `value` (float32 or wider) and stored in the dtype of the state
-    it was given.
+    it was given. As in haiku, `average` is created by the first update (so
+    the state `init` returns holds the first batch's statistics); an entry
+    not valid then starts at `empty` (0 for the mean, 1 for the variance:
+    inference before any valid batch is then the identity).
     """
 
-    def __init__(self, decay: float, name: str | None = None):
+    def __init__(self, decay: float, *, empty: float, name: str | None = None):
         super().__init__(decay, name=name)
+        self.empty = empty
 
     def __call__(  # type: ignore[override]
         self, value: jax.Array, update_stats: bool = True, *, valid: jax.Array | None = None
@@ -82,13 +86,17 @@ class _GuardedEMA(hk.ExponentialMovingAverage):
             valid = jnp.ones(value.shape, jnp.bool_)
         counter = hk.get_state("counter", (), jnp.int32, init=jnp.zeros)
         hidden = hk.get_state("hidden", value.shape, value.dtype, init=jnp.zeros)
-        average = hk.get_state("average", value.shape, value.dtype, init=jnp.zeros)
         counter_new = counter + jnp.any(valid).astype(counter.dtype)
         decay = lax.convert_element_type(self.decay, value.real.dtype)
         one = jnp.ones((), decay.dtype)
         hidden_new = hidden.astype(value.dtype) * decay + value * (one - decay)
         debias = jnp.where(counter_new > 0, one - lax.pow(decay, counter_new), one)
         average_new = hidden_new / debias
+
+        def first_average(shape: tuple[int, ...], dtype: jax.typing.DTypeLike) -> jax.Array:
+            return jnp.where(valid, average_new, jnp.full(shape, self.empty, value.dtype)).astype(dtype)
+
+        average = hk.get_state("average", value.shape, value.dtype, init=first_average)
         hidden_new = jnp.where(valid, hidden_new, hidden.astype(value.dtype)).astype(hidden.dtype)
         average_new = jnp.where(valid, average_new, average.astype(value.dtype)).astype(average.dtype)
         if update_stats:
@@ -169,8 +177,8 @@ class BatchNorm(hk.Module):
         self.cross_replica_axis = cross_replica_axis
         self.cross_replica_axis_index_groups = cross_replica_axis_index_groups
         self.channel_index = hk.get_channel_index(data_format)
-        self.mean_ema = _GuardedEMA(decay_rate, name="mean_ema")
-        self.var_ema = _GuardedEMA(decay_rate, name="var_ema")
+        self.mean_ema = _GuardedEMA(decay_rate, empty=0.0, name="mean_ema")
+        self.var_ema = _GuardedEMA(decay_rate, empty=1.0, name="var_ema")
 
     def _reduced_axes(self, ndim: int) -> tuple[int, ...]:
         if self.axis is None:

@@ -157,6 +157,29 @@ def test_matches_haiku_over_steps(layout):
     close(y_eval, ref.normalize(batches[0], mean_avg, var_avg, scale, offset, axis=feat), 1e-4)
 
 
+def test_init_state_and_inference_right_after_init_as_haiku():
+    """haiku's init returns counter 0, hidden 0 and average = the init batch's statistics."""
+    x = 2.0 + ref.normal(16, (8, 3))
+    f_ours, f_hk = transformed(jaxbn.haiku.BatchNorm), transformed(hk.BatchNorm)
+    p, s = f_ours.init(None, x, True)
+    hp, hs = standard(f_hk.init)(None, x, True)
+    jax.tree.map(lambda a, b: close(a, b, 1e-5), s, hs)
+    mean, var, _ = ref.moments(x)
+    assert int(s[MEAN]["counter"]) == 0 and not np.asarray(s[VAR]["hidden"]).any()
+    close(s[MEAN]["average"].reshape(-1), mean, 1e-5)
+    close(s[VAR]["average"].reshape(-1), var, 1e-5)
+    close(f_ours.apply(p, s, None, x, False)[0], standard(f_hk.apply)(hp, hs, None, x, False)[0], 1e-5)
+    # A feature with no valid entry at init starts at mean 0, var 1 (haiku has no masks).
+    _, s = f_ours.init(None, x, True, mask=np.array([[True, False, True]]))
+    np.testing.assert_array_equal(np.asarray(s[MEAN]["average"]).ravel()[1], 0.0)
+    np.testing.assert_array_equal(np.asarray(s[VAR]["average"]).ravel()[1], 1.0)
+    close(s[VAR]["average"].reshape(-1)[::2], var[::2], 1e-5)
+    # Inference in init, before any state exists, fails as haiku's does.
+    for init in (f_ours.init, standard(f_hk.init)):
+        with pytest.raises(ValueError, match="No value for 'average'"):
+            init(None, x, False)
+
+
 def test_integer_input_and_one_value_per_feature_as_haiku():
     x_int = np.arange(24, dtype=np.int32).reshape(6, 4) % 7
     x_one = ref.normal(0, (1, 4))
