@@ -292,6 +292,14 @@ def to_torch(
     return out
 
 
+def _weight_array(value: object, name: str, layout: str) -> np.ndarray:
+    """A Linear/Conv weight or kernel as numpy, at least 2-D."""
+    array = _numpy(value, name)
+    if array.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions {layout}, got shape {array.shape}")
+    return array
+
+
 def kernel_from_torch(weight: object) -> np.ndarray:
     """A PyTorch Linear or Conv weight -> the flax kernel layout.
 
@@ -310,9 +318,7 @@ def kernel_from_torch(weight: object) -> np.ndarray:
     >>> kernel_from_torch(np.zeros((8, 3, 5, 5))).shape
     (5, 5, 3, 8)
     """
-    w = _numpy(weight, "weight")
-    if w.ndim < 2:
-        raise ValueError(f"weight must have at least 2 dimensions (out, in, *window), got shape {w.shape}")
+    w = _weight_array(weight, "weight", "(out, in, *window)")
     return np.array(np.transpose(w, tuple(range(2, w.ndim)) + (1, 0)))  # a contiguous, writable copy
 
 
@@ -326,13 +332,12 @@ def kernel_to_torch(kernel: object) -> np.ndarray:
       ``(out, in)`` or ``(out, in // groups, *window)``, a numpy array.
 
     >>> import numpy as np
-    >>> from jaxbn.interop import kernel_to_torch
-    >>> kernel_to_torch(np.zeros((5, 5, 3, 8))).shape
-    (8, 3, 5, 5)
+    >>> from jaxbn.interop import kernel_from_torch, kernel_to_torch
+    >>> w = np.arange(24.0).reshape(4, 3, 2)  # Conv1d weight (out, in, width)
+    >>> bool((kernel_to_torch(kernel_from_torch(w)) == w).all())
+    True
     """
-    k = _numpy(kernel, "kernel")
-    if k.ndim < 2:
-        raise ValueError(f"kernel must have at least 2 dimensions (..., in, out), got shape {k.shape}")
+    k = _weight_array(kernel, "kernel", "(..., in, out)")
     return np.array(np.transpose(k, (k.ndim - 1, k.ndim - 2) + tuple(range(k.ndim - 2))))  # writable copy
 
 

@@ -72,31 +72,18 @@ class BatchNorm(nnx.Module):
       use_running_average: if True, normalize with the stored statistics
         (`model.eval()`); if False with the batch's (`model.train()`).
       axis: the feature axis (NCHW: `axis=1`).
-      momentum: EMA decay, `new = momentum * old + (1 - momentum) * batch`
-        (PyTorch's momentum is `1 - momentum`), or None for the cumulative
-        average (then an int32 `count` BatchStat is kept too).
-      epsilon: added to the variance.
-      dtype: output dtype (default: promotion of input and parameter dtypes).
-      param_dtype: dtype of `scale` and `bias`.
-      use_bias: learn a bias.
-      use_scale: learn a scale.
-      bias_init: initializer of `bias`.
-      scale_init: initializer of `scale`.
-      axis_name: axis name(s) to synchronize the statistics across.
-      axis_index_groups: `jax.lax.psum`'s groups (pmap only).
-      use_fast_variance: accepted for compatibility, ignored.
+      momentum: EMA decay (see `jaxbn.linen.BatchNorm`), or None for the
+        cumulative average (then an int32 `count` BatchStat is kept too).
+      epsilon: see `jaxbn.linen.BatchNorm`, as are `dtype`, `param_dtype`,
+        `use_bias`, `use_scale`, `bias_init`, `scale_init`, `axis_name`,
+        `axis_index_groups` and `use_fast_variance` (flax's arguments) and
+        jaxbn's `renorm`, `renorm_r_max`, `renorm_d_max`,
+        `virtual_batch_size` and `unbiased`: the same options, one meaning.
       promote_dtype: called as `promote_dtype((x, mean, var, scale, bias),
         dtype=dtype)` before normalizing, as in flax.
       rngs: random keys for the initializers.
       bias_metadata: metadata of the `bias` Param.
       scale_metadata: metadata of the `scale` Param.
-      renorm: Batch Renormalization (Ioffe 2017) in training.
-      renorm_r_max: the clip of the renorm scale correction r, >= 1.
-      renorm_d_max: the clip of the renorm shift correction d, >= 0.
-      virtual_batch_size: ghost batch norm: in training the leading batch axis
-        is split into groups of this size, each normalized with its own
-        moments; the running stats take the mean of the groups' moments.
-      unbiased: store the unbiased batch variance (var * n / (n - 1)).
 
     The attribute `collect_moments` (False) is precise-BN mode, set by
     `recompute_batch_stats` on a view of the model
@@ -184,16 +171,18 @@ class BatchNorm(nnx.Module):
     def __call__(
         self, x: ArrayLike, use_running_average: bool | None = None, *, mask: ArrayLike | None = None
     ) -> jax.Array:
-        """Normalizes `x` with the batch's or the stored statistics.
+        """Normalizes `x`: with its batch statistics in training, else with the stored ones.
 
         Args:
-          x: the input, shape (..., features, ...).
-          use_running_average: overrides the attribute of the same name.
-          mask: optional bool array broadcastable to `x`; False entries are
-            left out of the statistics (they are still normalized).
+          x: the input, `num_features` on `axis`.
+          use_running_average: overrides the attribute (`model.train()` /
+            `model.eval()`) for this call.
+          mask: entries to leave out of the statistics, as in
+            `jaxbn.linen.BatchNorm.__call__`.
 
         Returns:
-          The normalized input, shape of `x`.
+          `x` normalized, same shape; training updates `mean`, `var` (and
+          `count`) in place.
         """
         if not self.collect_moments:
             use_running_average = nnx.module.first_from(
