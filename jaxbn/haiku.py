@@ -93,7 +93,7 @@ class _GuardedEMA(hk.ExponentialMovingAverage):
         debias = jnp.where(counter_new > 0, one - lax.pow(decay, counter_new), one)
         average_new = hidden_new / debias
 
-        def first_average(shape: tuple[int, ...], dtype: jax.typing.DTypeLike) -> jax.Array:
+        def first_average(shape: Sequence[int], dtype: jax.typing.DTypeLike) -> jax.Array:
             return jnp.where(valid, average_new, jnp.full(shape, self.empty, value.dtype)).astype(dtype)
 
         average = hk.get_state("average", value.shape, value.dtype, init=first_average)
