@@ -8,7 +8,8 @@ unbiased running variance and `momentum=None` (cumulative average).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -173,6 +174,19 @@ class BatchNorm(nn.Module):
         return y
 
 
+def _note_layer(
+    ran: set[tuple[str, ...]],
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: nn.module.InterceptorContext,
+) -> Any:
+    """A method interceptor that records the path of every jaxbn BatchNorm called (not its mode)."""
+    if isinstance(context.module, BatchNorm) and context.method_name == "__call__":
+        ran.add(tuple(context.module.path))
+    return next_fun(*args, **kwargs)
+
+
 def recompute_batch_stats(
     model: nn.Module, variables: VariableDict, batches: Iterable[object], **apply_kwargs: Any
 ) -> VariableDict:
@@ -205,7 +219,9 @@ def recompute_batch_stats(
       A copy of `variables` with new `batch_stats` (same tree and dtypes).
 
     Raises:
-      ValueError: if `batches` is empty or no jaxbn BatchNorm layer ran.
+      ValueError: if `batches` is empty, no jaxbn BatchNorm layer reported
+        its moments, or a layer ran without reporting them (a lifted
+        transform without the collection in its `variable_axes`).
 
     >>> import jax, jax.numpy as jnp, jaxbn.linen
     >>> bn = jaxbn.linen.BatchNorm(use_running_average=True)
@@ -224,15 +240,17 @@ def recompute_batch_stats(
     run_jit = jax.jit(run)
     parts: dict[tuple[str, ...], list[BatchMoments]] = {}
     unbiased: dict[tuple[str, ...], bool] = {}
+    ran: set[tuple[str, ...]] = set()  # diagnostics only: the layers seen while tracing
     n_batches = 0
-    for batch in batches:
-        args = batch if isinstance(batch, tuple) else (batch,)
-        for path, sown in traverse_util.flatten_dict(run_jit(variables, args)).items():
-            layer = path[:-1]  # (..., module, "moments") -> the module's path
-            for part, flag in sown:
-                parts.setdefault(layer, []).append(part)
-                unbiased[layer] = unbiased.get(layer, False) or bool(jnp.any(flag))
-        n_batches += 1
+    with nn.intercept_methods(functools.partial(_note_layer, ran)):
+        for batch in batches:
+            args = batch if isinstance(batch, tuple) else (batch,)
+            for path, sown in traverse_util.flatten_dict(run_jit(variables, args)).items():
+                layer = path[:-1]  # (..., module, "moments") -> the module's path
+                for part, flag in sown:
+                    parts.setdefault(layer, []).append(part)
+                    unbiased[layer] = unbiased.get(layer, False) or bool(jnp.any(flag))
+            n_batches += 1
     if n_batches == 0:
         raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")
     if not parts:
@@ -241,6 +259,13 @@ def recompute_batch_stats(
             "recompute_batch_stats only recomputes jaxbn's layers (flax.linen.BatchNorm layers do not report "
             f"their moments), and a lifted transform (nn.scan, nn.vmap, ...) around them must list the collection "
             f"{PRECISE_COLLECTION!r} in variable_axes, e.g. variable_axes={{True: 0}}"
+        )
+    silent = sorted("/".join(p) for p in ran - set(parts))
+    if silent:
+        raise ValueError(
+            f"recompute_batch_stats cannot collect the moments of the BatchNorm layer(s) {silent}: a lifted "
+            f"transform (nn.scan, nn.vmap, ...) around them must list the collection {PRECISE_COLLECTION!r} "
+            "in variable_axes, e.g. variable_axes={True: 0}"
         )
     stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
     for layer, layer_parts in parts.items():

@@ -315,3 +315,16 @@ def test_masked_nan_and_all_masked_batches_contribute_nothing():
     jaxbn.nnx.recompute_batch_stats(model, batches)
     np.testing.assert_allclose(model.bn.mean[...], kept.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.bn.var[...], kept.var(0), rtol=1e-5)
+
+
+def test_linen_names_a_scanned_layer_that_cannot_report():
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            _, y = _scanned({"params": 0, "batch_stats": 0})(None, x)  # no variable_axes for the moments
+            return jaxbn.linen.BatchNorm(use_running_average=True)(y)
+
+    x = np.asarray(_batches()[0])[None].repeat(3, 0)
+    v = Mixed().init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"cannot collect the moments of the BatchNorm layer\(s\) \['ScanBody_0/"):
+        jaxbn.linen.recompute_batch_stats(Mixed(), v, [x])
