@@ -70,7 +70,7 @@ def batched(model: ConvNet):
     return jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
 
 
-OPTIMIZER = optax.adam(3e-2)
+OPTIMIZER = optax.adam(optax.cosine_decay_schedule(3e-2, STEPS))
 
 
 @eqx.filter_jit

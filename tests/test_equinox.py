@@ -452,9 +452,30 @@ def test_bad_call_arguments():
         vstep(bn, jnp.ones((4, 3, 5)), state, jnp.ones((4, 2), bool))
     with pytest.raises(TypeError, match="mask must be a boolean array, got dtype float32"):
         vstep(bn, jnp.ones((4, 3, 5)), state, jnp.ones((4, 5), jnp.float32))
+    # Checked by jaxbn's core when the layer is called (equinox accepts them and divides by 0 / diverges).
+    zero_eps, zero_eps_state = make(BatchNorm, 3, "batch", eps=0.0, mode="batch")
+    with pytest.raises(ValueError, match="epsilon must be > 0, got 0.0"):
+        vstep(zero_eps, jnp.ones((4, 3)), zero_eps_state)
+    big_momentum, big_momentum_state = make(BatchNorm, 3, "batch", momentum=1.5, mode="ema")
+    with pytest.raises(ValueError, match=r"momentum=1.5 is outside \[0, 1\]"):
+        vstep(big_momentum, jnp.ones((4, 3)), big_momentum_state)
 
 
 def test_import_jaxbn_does_not_import_equinox():
     code = "import sys, jaxbn, jaxbn.linen; assert 'equinox' not in sys.modules, 'equinox imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_docs_blocks_run():
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "equinox.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    blocks = re.findall(r"^```python[ \t]*\n(.*?)^```[ \t]*$", text, flags=re.S | re.M)
+    assert len(blocks) >= 2
+    assert len(blocks[0].strip().splitlines()) <= 15, "the quick start is at most 15 lines"
+    for code in blocks:
+        exec(compile(code, path, "exec"), {"__name__": "__docs__"})
