@@ -96,12 +96,18 @@ class BatchNorm(eqx.nn.StatefulLayer):
       `ema_state_index` = (mean, var), starting at (0, 1) rather than
       equinox's uninitialized memory).
 
-    Statistics are computed in at least float32 and stored in the dtype the
-    state has (float32 by default, float64 with x64); `weight` and `bias`
-    are created in `dtype` as equinox creates them. The output dtype is
-    equinox's: the promotion of the input and parameter dtypes (the input's
-    dtype without parameters); integer inputs are promoted to the default
-    float dtype as equinox promotes them.
+    Statistics are computed in at least float32, created in at least
+    float32 (float64 with x64), and an update returns them in the dtype the
+    state has (a state cast to bf16 stays bf16); `weight` and `bias` are
+    created in `dtype` as equinox creates them. The output dtype is
+    equinox's: the promotion of the input and parameter dtypes (without
+    parameters, the input's float dtype); integer inputs are promoted to the
+    default float dtype as equinox promotes them.
+
+    Pass `mask=` (bool, broadcastable to the example) to leave entries out
+    of the statistics. For sync-BN across devices name every batch axis,
+    e.g. `axis_name=("data", "batch")` under `jax.pmap(..., axis_name="data")`
+    around `jax.vmap(..., axis_name="batch")`.
 
     Attributes:
       weight, bias: `(input_size,)` arrays, or None without `channelwise_affine`.
