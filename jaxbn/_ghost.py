@@ -77,12 +77,14 @@ class GhostBatches:
 
     def tile(self, v: jax.Array | None) -> jax.Array | None:
         """Feature-shaped -> (G, *feature_shape), the same value for every group."""
-        return None if v is None else jnp.broadcast_to(v, (self.groups,) + self.layout.feature_shape)
+        return None if v is None else self._tiled(v)
 
     def tile_stats(self, stats: RunningStats) -> RunningStats:
         """The running statistics, one copy per group."""
-        return RunningStats(jnp.broadcast_to(stats.mean, (self.groups,) + stats.mean.shape),
-                            jnp.broadcast_to(stats.var, (self.groups,) + stats.var.shape), stats.count)
+        return RunningStats(self._tiled(stats.mean), self._tiled(stats.var), stats.count)
+
+    def _tiled(self, v: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(v, (self.groups,) + self.layout.feature_shape)
 
     def merge(self, y: jax.Array, new: RunningStats) -> tuple[jax.Array, RunningStats]:
         """The grouped output and per-group statistics -> x's shape and the mean of the groups' statistics."""
