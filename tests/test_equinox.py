@@ -329,6 +329,12 @@ def test_non_finite_batch_keeps_running_stats():
         close(after[1][0], before[1][0], 0)
         assert np.all(np.isfinite(after[0])) and np.all(np.isfinite(after[1]))
         assert after[0][1] != before[0][1]  # feature 1 updated
+        # equinox's running statistics take the inf in: NaN variance from then on.
+        theirs, s_theirs = make(eqx.nn.BatchNorm, 2, "batch", mode=mode)
+        _, s_theirs = vstep(theirs, normal(73, (4, 2)), s_theirs)
+        _, s_theirs = vstep(theirs, x, s_theirs)
+        assert not np.isfinite(stats_of(theirs, s_theirs)[1][0])
+        close(stats_of(theirs, s_theirs)[1][1], after[1][1], 1e-6)  # the finite feature agrees
 
 
 # ---------------------------------------------------------------- masks
