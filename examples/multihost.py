@@ -14,7 +14,7 @@ processes:
 * with `jax.pmap` and ``axis_name="batch"`` (collectives span every process's devices);
 * with `jax.jit` on a global array built by `jax.make_array_from_process_local_data`
   over a 4-device mesh (no axis name: XLA computes the global statistics). The mesh
-  axis is Explicit (`jax.make_mesh`'s default from JAX 0.12 on, spelled out here), so
+  axis is Explicit (`jax.make_mesh`'s default since JAX 0.9, spelled out here), so
   the loss takes one-hot labels: optax's integer-label cross entropy gathers along
   the sharded batch axis, which JAX refuses there (``ShardingTypeError``).
 

@@ -14,7 +14,7 @@ batches:
   with the moments of its own 4 examples (what you get when you forget sync-BN).
 
 The mesh has an *Explicit* axis (``axis_types=(AxisType.Explicit,)``, the default of
-`jax.make_mesh` from JAX 0.12 on), so the shardings are part of the types and the
+`jax.make_mesh` since JAX 0.9), so the shardings are part of the types and the
 same code runs on older and newer JAX alike. Under Explicit axes an operation
 whose output sharding JAX cannot infer raises ``ShardingTypeError``: optax's
 integer-label cross entropy (a gather along the sharded batch axis) is one, so
@@ -132,7 +132,7 @@ def main() -> None:
 
     params0, stats0 = init(jax.random.key(0))
     state0 = (params0, stats0, tx.init(params0))
-    # Explicit axis type: the default from JAX 0.12 on, spelled out so every JAX version runs the same program.
+    # Explicit axis type: make_mesh's default since JAX 0.9, spelled out so every JAX version runs the same program.
     mesh = jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Explicit,))
     replicate = lambda t: jax.tree.map(lambda a: np.broadcast_to(a, (N_DEV, *np.shape(a))), t)  # noqa: E731
     split = lambda a: a.reshape(N_DEV, PER_DEVICE, *a.shape[1:])  # noqa: E731

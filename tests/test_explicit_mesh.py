@@ -1,4 +1,4 @@
-"""jaxbn on a mesh with Explicit axis types (the default of `jax.make_mesh` from JAX 0.12 on).
+"""jaxbn on a mesh with Explicit axis types (the default of `jax.make_mesh` since JAX 0.9).
 
 With Explicit axes the shardings are part of the array types and JAX refuses
 (``ShardingTypeError``) an operation whose output sharding it cannot infer.
