@@ -30,6 +30,11 @@ from jaxbn._running import RunningStats
 
 __all__ = ["BatchNorm", "recompute_batch_stats"]
 
+_LIFTED = (
+    "a lifted transform (nn.scan, nn.vmap, ...) around them must list the collection "
+    f"{PRECISE_COLLECTION!r} in variable_axes, e.g. variable_axes={{True: 0}}"
+)
+
 # A collection no jaxbn code ever names: mutable only under `mutable=True`.
 _ANY_COLLECTION = "jaxbn_any_collection_probe"
 
@@ -257,15 +262,12 @@ def recompute_batch_stats(
         raise ValueError(
             f"no jaxbn.linen.BatchNorm layer reported its moments in {type(model).__name__}: "
             "recompute_batch_stats only recomputes jaxbn's layers (flax.linen.BatchNorm layers do not report "
-            f"their moments), and a lifted transform (nn.scan, nn.vmap, ...) around them must list the collection "
-            f"{PRECISE_COLLECTION!r} in variable_axes, e.g. variable_axes={{True: 0}}"
+            f"their moments), and {_LIFTED}"
         )
     silent = sorted("/".join(p) for p in ran - set(parts))
     if silent:
         raise ValueError(
-            f"recompute_batch_stats cannot collect the moments of the BatchNorm layer(s) {silent}: a lifted "
-            f"transform (nn.scan, nn.vmap, ...) around them must list the collection {PRECISE_COLLECTION!r} "
-            "in variable_axes, e.g. variable_axes={True: 0}"
+            f"recompute_batch_stats cannot collect the moments of the BatchNorm layer(s) {silent}: {_LIFTED}"
         )
     stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
     for layer, layer_parts in parts.items():
