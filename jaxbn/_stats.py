@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +44,13 @@ from jax import lax
 
 from jaxbn._checks import (
     Axes,
+    AxisIndexGroups,
     AxisName,
     axis_size,
-    canonical_axes,
     check_input,
     check_mask,
-    feature_shape,
-    reduction_axes,
 )
+from jaxbn._layout import Layout
 from jaxbn._running import Moments, stats_dtype
 from jaxbn._xla import separate_converts, spelled_apart
 
@@ -95,14 +94,21 @@ def _pilot_shift(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt:
     Spread over the batch, so that on a batch sharded under `jax.jit` the
     pilot comes from every shard (one small all-reduce instead of a
     broadcast of the first shard's rows); dense enough that n / p <= 1024.
+
+    The mean is written as a reduction of pre-scaled entries, so that K is one
+    rounded value that every consumer reads: as `sum / p` XLA re-computes the
+    division inside each consumer's fusion, where LLVM contracts it into an
+    FMA (`x - K` about the exact quotient, `K + S1 / n` about another value),
+    and the mean comes out wrong by up to ulp(K) (0.004 at 1e5 in float32).
     """
     idx = tuple(slice(0, None, _pilot_stride(x.shape[a], len(red))) if a in red else slice(None) for a in range(x.ndim))
     pilot = lax.stop_gradient(x[idx].astype(dt))
     if mask is None:
-        return jnp.mean(pilot, axis=red, keepdims=True)
+        count = math.prod(pilot.shape[a] for a in red)
+        return jnp.sum(pilot * (1.0 / count), axis=red, keepdims=True)
     pm = jnp.broadcast_to(mask, x.shape)[idx]
-    pn = jnp.sum(pm, axis=red, keepdims=True, dtype=jnp.float32)
-    return jnp.sum(jnp.where(pm, pilot, jnp.zeros((), dt)), axis=red, keepdims=True) / jnp.maximum(pn, 1).astype(dt)
+    inv_n = 1.0 / jnp.maximum(jnp.sum(pm, axis=red, keepdims=True, dtype=jnp.float32), 1.0)
+    return jnp.sum(jnp.where(pm, pilot, jnp.zeros((), dt)) * inv_n.astype(_real(dt)), axis=red, keepdims=True)
 
 
 def _shifted_sums(
@@ -127,39 +133,45 @@ _CANCELLATION = 1024.0
 
 def local_moments(
     x: jax.Array, red: tuple[int, ...], mask: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(n, mean, M2) of `x` over the axes `red` on this device, keepdims.
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(n, mean, mean_lo, M2) of `x` over the axes `red` on this device, keepdims.
 
     One pass of shifted sums about the pilot shift; with a mask, a second
     pass about the mean when the first one's error bound failed (module
     docstring). Under `vmap` with a per-example mask JAX evaluates both
     branches of that `lax.cond`.
 
-    `n` and `M2` are float32 (or wider), `mean` has the statistics dtype;
-    features with n == 0 get mean 0 and M2 0.
+    The mean is returned as `mean + mean_lo` (`mean` the rounded value,
+    `mean_lo` the few bits below its last place that the shifted sums know):
+    at large offsets (1e6 in float32, ulp 0.0625) the cross-device
+    combination needs them. `n` and `M2` are float32 (or wider); features
+    with n == 0 get mean 0 and M2 0.
     """
     dt = stats_dtype(x.dtype)
     n = _count(mask, x.shape, red)
     safe_n = jnp.maximum(n, 1.0).astype(_real(dt))
 
-    def moments_about(shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def moments_about(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         s1, s2 = _shifted_sums(x, red, mask, shift)
-        return shift + s1 / safe_n, jnp.maximum(s2 - _abs_sq(s1) / safe_n, 0.0)
+        delta = s1 / safe_n
+        mean = shift + delta
+        return mean, (shift - mean) + delta, jnp.maximum(s2 - _abs_sq(s1) / safe_n, 0.0)
 
     def cancelled(shift: jax.Array, mean: jax.Array, m2: jax.Array) -> jax.Array:
         # S2 = M2 + n |mean - K|^2 exactly, so this is the pass's own S2 / M2 test.
         return jnp.any(m2 + n.astype(m2.dtype) * _abs_sq(mean - shift) > _CANCELLATION * m2)
 
     shift = _pilot_shift(x, red, mask, dt)
-    mean, m2 = moments_about(shift)
+    mean, lo, m2 = moments_about(shift)
     if mask is not None:
-        mean, m2 = lax.cond(
+        mean, lo, m2 = lax.cond(
             cancelled(shift, mean, m2),
             lambda: moments_about(lax.stop_gradient(mean)),
-            lambda: (mean, m2),
+            lambda: (mean, lo, m2),
         )
-    mean = jnp.where(n > 0, mean, jnp.zeros((), dt))
-    return jnp.broadcast_to(n.astype(m2.dtype), m2.shape), mean, m2
+    valid = n > 0
+    zero = jnp.zeros((), dt)
+    return jnp.broadcast_to(n.astype(m2.dtype), m2.shape), jnp.where(valid, mean, zero), jnp.where(valid, lo, zero), m2
 
 
 def chan_combine(
@@ -167,23 +179,29 @@ def chan_combine(
     mean: jax.Array,
     m2: jax.Array,
     total: Callable[[list[jax.Array]], list[jax.Array]] | None = None,
+    *,
+    mean_lo: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Chan et al.'s parallel combination of per-part `(n, mean, M2)`: the one copy.
 
-    `total(vs)` sums each array of `vs` over the parts and returns values
-    that broadcast against a part: an all-reduce across devices (see
-    `global_moments`), or by default a sum over the leading axis of stacked
-    parts, keeping that axis as size 1. It is called twice: once with `n`
-    and `n * mean` (one collective when they are packed together), once with
-    the M2 terms::
+    The parts' means are compared with a common reference `K0`, the
+    count-weighted mean of their rounded means, so that the differences
+    `e_i = (mean_i - K0) + mean_lo_i` are exact (Sterbenz) and small::
 
-        N = sum n_i,  mean = sum n_i mean_i / N,
-        M2 = sum M2_i + sum n_i |mean_i - mean|^2
+        N = sum n_i,  K0 = sum n_i mean_i / N,  e = sum n_i e_i / N,
+        mean = K0 + e,  M2 = sum (M2_i + n_i |e_i|^2) - N |e|^2
+
+    (= sum M2_i + sum n_i |mean_i - mean|^2; e is tiny, so nothing cancels.)
+    `total(vs)` sums each array of `vs` over the parts and returns values that
+    broadcast against a part: an all-reduce across devices (one collective
+    per call, see `global_moments`), or by default a sum over the leading
+    axis of stacked parts. It is called twice.
 
     Args:
       n, mean, m2: per-part counts (float), means (real or complex) and sums
         of squared deviations; stacked on axis 0 when `total` is None.
       total: the sum over parts (see above).
+      mean_lo: optional low-order parts of the means (see `local_moments`).
 
     Returns:
       `(N, mean, M2)` of the union (leading axis dropped when `total` is None).
@@ -197,8 +215,13 @@ def chan_combine(
     reduce = _sum_over_parts if total is None else total
     cplx = jnp.iscomplexobj(mean)
     big_n, *sums = reduce([n, *_pack(n * mean)])
-    gmean = _unpack(sums, cplx) / jnp.maximum(big_n, 1.0)
-    (gm2,) = reduce([m2 + n * _abs_sq(mean - gmean)])
+    safe_n = jnp.maximum(big_n, 1.0)
+    k0 = _unpack(sums, cplx) / safe_n
+    e_i = mean - k0 if mean_lo is None else (mean - k0) + mean_lo
+    *e_sums, q = reduce([*_pack(n * e_i), m2 + n * _abs_sq(e_i)])
+    e = _unpack(e_sums, cplx) / safe_n
+    gm2 = jnp.maximum(q - big_n * _abs_sq(e), 0.0)
+    gmean = k0 + e
     if stacked:
         return big_n[0], gmean[0], gm2[0]
     return big_n, gmean, gm2
@@ -226,7 +249,7 @@ def _is_varying(x: jax.Array, axis_name: AxisName) -> bool:
     return all(n in varying for n in names)
 
 
-def _all_gather(packed: jax.Array, axis_name: AxisName, axis_index_groups: Any) -> jax.Array:
+def _all_gather(packed: jax.Array, axis_name: AxisName, axis_index_groups: AxisIndexGroups) -> jax.Array:
     """All-gathers `packed` over `axis_name`: one collective, stacked on a new leading axis."""
     if axis_index_groups is None and _is_varying(packed, axis_name):
         # Under shard_map, gather into a value typed as replicated (like
@@ -247,12 +270,13 @@ def _all_gather(packed: jax.Array, axis_name: AxisName, axis_index_groups: Any) 
 def global_moments(
     n: jax.Array,
     mean: jax.Array,
+    mean_lo: jax.Array,
     m2: jax.Array,
     axis_name: AxisName,
-    axis_index_groups: Any,
+    axis_index_groups: AxisIndexGroups,
     strategy: Strategy,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Combines per-device (n, mean, M2) over `axis_name` (see module docstring)."""
+    """Combines per-device (n, mean + mean_lo, M2) over `axis_name` (see module docstring)."""
     size = axis_size(axis_name, axis_index_groups)
     if strategy not in ("auto", "gather", "psum"):
         raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")
@@ -260,17 +284,21 @@ def global_moments(
         strategy = "gather" if size <= GATHER_MAX_DEVICES else "psum"
     cplx = jnp.iscomplexobj(mean)
     if strategy == "gather":
-        packed = jnp.stack([n, *_pack(mean), m2])
+        fields = [n, *_pack(mean), *_pack(mean_lo), m2]
+        packed = jnp.stack(fields)
         g = _all_gather(packed, axis_name, axis_index_groups)
         if isinstance(axis_name, tuple) and g.ndim > packed.ndim + 1:
             g = g.reshape((-1, *packed.shape))
         k = 2 if cplx else 1
-        return chan_combine(g[:, 0], _unpack([g[:, 1 + i] for i in range(k)], cplx), g[:, 1 + k])
+        part = [g[:, i] for i in range(len(fields))]
+        return chan_combine(
+            part[0], _unpack(part[1:1 + k], cplx), part[-1], mean_lo=_unpack(part[1 + k:1 + 2 * k], cplx)
+        )
 
     def psum_packed(vs: list[jax.Array]) -> list[jax.Array]:
         return list(lax.psum(jnp.stack(vs), axis_name, axis_index_groups=axis_index_groups))
 
-    return chan_combine(n, mean, m2, psum_packed)
+    return chan_combine(n, mean, m2, psum_packed, mean_lo=mean_lo)
 
 
 def moments_keepdims(
@@ -278,13 +306,13 @@ def moments_keepdims(
     red: tuple[int, ...],
     mask: jax.Array | None,
     axis_name: AxisName = None,
-    axis_index_groups: Any = None,
+    axis_index_groups: AxisIndexGroups = None,
     strategy: Strategy = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(count, mean, biased var) with reduced axes kept as size 1. Inputs pre-validated."""
-    n, mean, m2 = local_moments(x, red, mask)
+    n, mean, mean_lo, m2 = local_moments(x, red, mask)
     if axis_name is not None:
-        n, mean, m2 = global_moments(n, mean, m2, axis_name, axis_index_groups, strategy)
+        n, mean, m2 = global_moments(n, mean, mean_lo, m2, axis_name, axis_index_groups, strategy)
     var = m2 / jnp.maximum(n, 1.0)
     return n, mean, var
 
@@ -295,7 +323,7 @@ def moments(
     axis: Axes = -1,
     mask: jax.typing.ArrayLike | None = None,
     axis_name: AxisName = None,
-    axis_index_groups: Any = None,
+    axis_index_groups: AxisIndexGroups = None,
     strategy: Strategy = "auto",
 ) -> Moments:
     """Per-feature mean, biased variance and count of a batch.
@@ -332,13 +360,7 @@ def moments(
     ([2.0, 20.0], [1.0, 100.0], [2.0, 2.0])
     """
     x = check_input(x)
-    feat = canonical_axes(x.ndim, axis)
-    red = reduction_axes(x.ndim, feat)
+    lay = Layout.of(x.shape, axis)
     m = check_mask(mask, x.shape)
-    fshape = feature_shape(x.shape, feat)
-    n, mean, var = moments_keepdims(x, red, m, axis_name, axis_index_groups, strategy)
-    return Moments(
-        mean=mean.reshape(fshape),
-        var=var.reshape(fshape),
-        count=n.reshape(fshape),
-    )
+    n, mean, var = moments_keepdims(x, lay.reduced_axes, m, axis_name, axis_index_groups, strategy)
+    return Moments(mean=lay.flat(mean), var=lay.flat(var), count=lay.flat(n))

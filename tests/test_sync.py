@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -460,3 +462,81 @@ def test_batch_renorm_under_shard_map_matches_pmap():
     want = jax.jit(local, static_argnums=2)(X.reshape(-1, C), MASK.reshape(-1, 1), None)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- reliability (issue 11)
+
+_SYNC_ROWS = 16
+
+
+def _sync_moments_fn(strategy):
+    mesh = _mesh()
+    d, r = P("data"), P()
+    return mesh, jax.jit(
+        jax.shard_map(
+            lambda x, m: tuple(jaxbn.moments(x, mask=m, axis_name="data", strategy=strategy)),
+            mesh=mesh, in_specs=(d, d), out_specs=(r, r, r),
+        )
+    )
+
+
+_SYNC_FNS = {s: _sync_moments_fn(s) for s in ("gather", "psum")}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    strategy=st.sampled_from(["gather", "psum"]),
+    valid=st.lists(st.integers(0, _SYNC_ROWS), min_size=D, max_size=D).filter(lambda v: sum(v) > 0),
+    layout=st.sampled_from(["front", "back", "strided"]),
+    log_offset=st.floats(3.0, 6.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sync_variance_stable_whatever_the_per_device_masks(strategy, valid, layout, log_offset, seed):
+    """8 devices with uneven valid counts (0, 1, ... 16 each), placed anywhere, offsets 1e3..1e6.
+
+    Against float64 moments of the concatenated batch's valid entries: var to 1e-3 relative.
+    """
+    rng = np.random.default_rng(seed)
+    x = (10.0**log_offset + rng.normal(size=(D * _SYNC_ROWS, C))).astype(np.float32)
+    rows = np.zeros((D, _SYNC_ROWS), bool)
+    for dev, k in enumerate(valid):
+        if layout == "front":
+            rows[dev, :k] = True
+        elif layout == "back":
+            rows[dev, _SYNC_ROWS - k:] = True
+        else:
+            rows[dev, rng.permutation(_SYNC_ROWS)[:k]] = True
+    mask = rows.reshape(-1, 1)
+    mesh, f = _SYNC_FNS[strategy]
+    xs, ms = _put(mesh, P("data"), x, mask)
+    mean, var, count = f(xs, ms)
+    want_mean, want_var, want_n = ref.moments(x, mask=mask)
+    np.testing.assert_array_equal(count, want_n)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-6)
+    np.testing.assert_allclose(var, want_var, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["one_device_some_features", "every_device_all_features"])
+def test_non_finite_batch_under_sync_keeps_running_stats(where):
+    """inf/NaN on one device poisons those features' global moments: their running stats keep their values."""
+    x = X.copy()
+    if where == "one_device_some_features":
+        x[5, 0, 1] = np.nan  # device 5 holds valid entries (VALID[5] == 4)
+    else:
+        x[:, 0, :] = np.inf
+    stats = jaxbn.RunningStats(jnp.array([0.5, -0.5, 0.25]), jnp.array([2.0, 3.0, 4.0]), jnp.array(2))
+    f = jax.pmap(
+        lambda x, m: jaxbn.batch_norm(x, stats, training=True, mask=m, axis_name="i", momentum=MOMENTUM)[1],
+        axis_name="i",
+    )
+    new = f(x, MASK)
+    if where == "one_device_some_features":
+        mean, var, n = ref.moments(X.reshape(-1, C), mask=MASK.reshape(-1, 1))
+        want_mean, want_var, want_count = ref.update(stats.mean, stats.var, 2, mean, var, n, MOMENTUM)
+        want_mean[1], want_var[1] = stats.mean[1], stats.var[1]
+    else:
+        want_mean, want_var, want_count = np.asarray(stats.mean), np.asarray(stats.var), 2
+    for dev in range(D):
+        np.testing.assert_allclose(new.mean[dev], want_mean, rtol=1e-5)
+        np.testing.assert_allclose(new.var[dev], want_var, rtol=1e-5)
+        assert int(new.count[dev]) == want_count
