@@ -29,3 +29,13 @@ def test_tool_is_clean(name, args):
 
 def test_py_typed_is_shipped():
     assert os.path.exists(os.path.join(ROOT, "jaxbn", "py.typed"))
+
+
+def test_mypy_is_strict_on_the_package():
+    """Every function in jaxbn/ is annotated (mypy's disallow_untyped_defs runs in test_tool_is_clean)."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        mypy = tomllib.load(f)["tool"]["mypy"]
+    assert mypy["packages"] == ["jaxbn"]
+    assert mypy.get("disallow_untyped_defs") is True and mypy.get("disallow_incomplete_defs") is True
