@@ -36,6 +36,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import jaxbn
+from jaxbn._dtypes import output_dtype, promote
 from jaxbn._module_core import forward
 
 __all__ = ["BatchNorm"]
@@ -51,16 +52,6 @@ _LEGACY_WARNING = (
 _Channels = Float[Array, "input_size"]
 _Flag = Bool[Array, ""]
 _Counter = Int[Array, ""]
-
-
-def _promote(*dtypes: DTypeLike) -> np.dtype:
-    """JAX's standard promotion of `dtypes`, whatever `jax_numpy_dtype_promotion` says.
-
-    Used to reproduce equinox's dtype rules (written for standard promotion)
-    while the arithmetic itself stays explicit, so "strict" promotion holds.
-    """
-    with jax.numpy_dtype_promotion("standard"):
-        return np.dtype(jnp.result_type(*dtypes))
 
 
 def _default_float() -> np.dtype:
@@ -180,7 +171,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             raise ValueError("Invalid mode, must be 'ema' or 'batch'.")
         self.mode = mode
         param_dtype = _default_float() if dtype is None else np.dtype(dtype)
-        stats_dtype = _promote(param_dtype, jnp.float32)
+        stats_dtype = promote(param_dtype, jnp.float32)
         if channelwise_affine:
             self.weight = jnp.ones((input_size,), dtype=param_dtype)
             self.bias = jnp.zeros((input_size,), dtype=param_dtype)
@@ -248,9 +239,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
             )
         mask_ = _check_mask(mask, x.shape)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
-            x = x.astype(_promote(x.dtype, _default_float()))
-        params = (self.weight, self.bias) if self.channelwise_affine else ()
-        out_dtype = _promote(x.dtype, *(p.dtype for p in params if p is not None))
+            x = x.astype(promote(x.dtype, _default_float()))
+        out_dtype = output_dtype(x, self.weight, self.bias, None)
         config = dict(
             inference=bool(inference), momentum=self.momentum, eps=self.eps,
             axis_name=_axis_name(self.axis_name), out_dtype=out_dtype,
@@ -283,7 +273,7 @@ def _compute_args(
     x: Array, weight: Array | None, bias: Array | None
 ) -> tuple[Array, Array | None, Array | None]:
     """x and the parameters in the statistics dtype (>= float32): every cast explicit, for strict promotion."""
-    compute = _promote(x.dtype, jnp.float32)
+    compute = promote(x.dtype, jnp.float32)
     real = np.dtype(jnp.finfo(compute).dtype)
     return (
         x.astype(compute),
