@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,7 @@ class Moments(NamedTuple):
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, name fixed by the API
 
 
-def init_stats(feature_shape: int | Sequence[int], dtype: Any = jnp.float32) -> RunningStats:
+def init_stats(feature_shape: int | Sequence[int], dtype: DTypeLike = jnp.float32) -> RunningStats:
     """Fresh running statistics: mean 0, var 1, count 0.
 
     Args:
@@ -89,6 +89,19 @@ def init_stats(feature_shape: int | Sequence[int], dtype: Any = jnp.float32) -> 
         var=jnp.ones(shape, dtype),
         count=jnp.zeros((), jnp.int32),
     )
+
+
+def contributes(moments: Moments) -> jax.Array:
+    """Per feature: may this batch update running statistics? (some valid entry, finite mean and var)
+
+    The one rule behind `update_stats` and the framework modules' own
+    running averages (haiku's debiased EMA).
+
+    >>> import jax.numpy as jnp
+    >>> contributes(Moments(jnp.array([1.0, jnp.inf, 2.0]), jnp.ones(3), jnp.array([4.0, 4.0, 0.0]))).tolist()
+    [True, False, False]
+    """
+    return (jnp.asarray(moments.count) > 0) & jnp.isfinite(moments.mean) & jnp.isfinite(moments.var)
 
 
 def update_stats(
@@ -157,7 +170,7 @@ def update_stats(
     else:
         new_mean = momentum * old_mean + (1.0 - momentum) * batch_mean
         new_var = momentum * old_var + (1.0 - momentum) * batch_var
-    updated = (n > 0) & jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+    updated = contributes(moments)
     out_mean_dt = mean_dt if jnp.iscomplexobj(batch_mean) and not jnp.iscomplexobj(stats.mean) else stats.mean.dtype
     return RunningStats(
         mean=jnp.where(updated, new_mean, old_mean).astype(out_mean_dt),

@@ -39,7 +39,7 @@ from jax import lax
 
 from jaxbn._dtypes import as_float, promote
 from jaxbn._norm import normalize
-from jaxbn._running import stats_dtype
+from jaxbn._running import contributes, stats_dtype
 from jaxbn._stats import moments
 
 __all__ = ["BatchNorm"]
@@ -244,7 +244,7 @@ class BatchNorm(hk.Module):
             )
             mean, var = m.mean, m.var
             if is_training:
-                valid = (m.count > 0) & jnp.isfinite(mean) & jnp.isfinite(var)
+                valid = contributes(m)
                 self.mean_ema(mean.reshape(w_shape), valid=valid.reshape(w_shape))
                 self.var_ema(var.reshape(w_shape), valid=valid.reshape(w_shape))
         else:
