@@ -1,4 +1,4 @@
-"""The layer benchmark (`python -m jaxbn.bench layer`, alias `python -m jaxbn.benchmark`): structure only, never timings."""
+"""The layer benchmark (`python -m jaxbn.bench layer`, alias `python -m jaxbn.benchmark`): structure only."""
 
 import json
 import math

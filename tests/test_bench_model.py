@@ -10,12 +10,12 @@ import pytest
 from jaxbn.bench import grid, model, plot, report, resnet
 from jaxbn.bench.__main__ import main
 
-TINY = "resnet18:8:16:4"
+TINY = "resnet10:8:16:4"
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A one-device float32 run of a tiny ResNet-18, 2 reps, through the CLI (in this process)."""
+    """A one-device float32 run of a tiny ResNet-10, 2 reps, through the CLI (in this process)."""
     path = tmp_path_factory.mktemp("model") / "model.png"
     rep = main(["model", "--configs", TINY, "--placements", "1dev", "--dtypes", "float32", "--reps", "2",
                 "--impls", "flax,jaxbn.linen", "--no-progress", "--json", "--plot", str(path)])  # fmt: skip
@@ -67,7 +67,9 @@ def test_the_models_have_a_bn_after_every_conv():
     x = jnp.zeros((1, 16, 16, 3))
     for arch, convs in (("resnet18", 1 + 2 * 8 + 3), ("resnet50", 1 + 3 * 16 + 4)):
         variables = jax.eval_shape(resnet.resnet(arch, "flax", width=4).init, jax.random.key(0), x)
-        n_conv = sum("Conv" in "/".join(map(str, p)) for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"]))
+        n_conv = sum(
+            "Conv" in "/".join(map(str, p)) for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+        )
         n_bn = len(variables["batch_stats"])
         assert n_conv == convs and n_bn == sum("Block" in k or k.startswith("BatchNorm") for k in variables["params"])
         leaves = jax.tree_util.tree_leaves(variables["batch_stats"])
@@ -78,7 +80,7 @@ def test_the_models_have_a_bn_after_every_conv():
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)")
 @pytest.mark.parametrize("placement", ["shard_map", "jit"])
 def test_sharded_steps_communicate_and_identity_only_for_gradients(placement):
-    case = grid.ModelCase("resnet18", 8, 16, 4)
+    case = grid.ModelCase("resnet10", 8, 16, 4)
     *_, ident = model.compile_step(case, "identity", "float32", placement)
     *_, flax = model.compile_step(case, "flax", "float32", placement)
     assert sum(ident.collectives.values()) >= 1  # the gradient mean

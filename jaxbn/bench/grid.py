@@ -102,4 +102,4 @@ PLACEMENTS = {
 #: The default whole-model grid: small enough for a few minutes on 2 CPU cores.
 MODEL_GRID = (ModelCase("resnet18", 16, 32, 64), ModelCase("resnet50", 16, 32, 32))
 #: Tiny models for `--quick`.
-QUICK_MODEL_GRID = (ModelCase("resnet18", 8, 16, 8),)
+QUICK_MODEL_GRID = (ModelCase("resnet10", 8, 16, 8),)

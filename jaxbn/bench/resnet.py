@@ -1,7 +1,7 @@
 """ResNet-style CNNs for the whole-model benchmark, with the batch norm swapped by one argument.
 
 NHWC, a batch norm after every convolution, ReLU, residual adds: ResNet-18
-(basic blocks, stages 2-2-2-2) and ResNet-50 (bottleneck blocks, stages
+(basic blocks, stages 2-2-2-2; ResNet-10, one block per stage, for quick runs) and ResNet-50 (bottleneck blocks, stages
 3-4-6-3, 4x expansion), after flax's ImageNet example (7x7/2 stem and 3x3/2
 max pool), with a `width` knob to scale the channels. The batch norm is made
 by `norm_factory(impl, ...)`:
@@ -36,7 +36,11 @@ NORMS = {
     "identity": "no batch norm (baseline: the step minus this step is BN's in-context cost)",
 }
 #: name -> (block kind, blocks per stage)
-ARCHITECTURES = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
+ARCHITECTURES = {
+    "resnet10": ("basic", (1, 1, 1, 1)),  # the smallest of the family: quick runs and tests
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
 
 NormFactory = Callable[..., nn.Module]
 
