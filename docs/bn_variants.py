@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import jaxbn._kernel as kernel
 import jaxbn._stats as stats
 import jaxbn._xla as xla
-from jaxbn.bench import grid, model
+from jaxbn.bench import model
 
 
 def _plain_converts(x: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
@@ -138,7 +138,8 @@ def main() -> None:
                 b, k = c.bytes_accessed - ident.bytes_accessed, c.kernels - ident.kernels
                 print(
                     f"{placement:>9} {dt:>8} {name:>20} {b / mib:8.1f} {b / fb:7.2f}x {k:10d} {k / fk:7.2f}x"
-                    f" {c.temp_bytes / mib:13.2f} {c.temp_bytes / flax.temp_bytes:7.2f}x {c.collectives['all-reduce']:11d}",
+                    f" {c.temp_bytes / mib:13.2f} {c.temp_bytes / flax.temp_bytes:7.2f}x"
+                    f" {c.collectives['all-reduce']:11d}",
                     flush=True,
                 )
 
