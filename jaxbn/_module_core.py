@@ -1,7 +1,7 @@
-"""The framework modules' forward pass, shared by every wrapper.
+"""The framework modules' forward pass, shared by the wrappers.
 
-One copy, used by `jaxbn.linen`, `jaxbn.nnx` (and the equinox and haiku
-wrappers), on top of the functional core (`jaxbn.batch_norm`,
+One copy, used by `jaxbn.linen`, `jaxbn.nnx` and `jaxbn.equinox`, on top
+of the functional core (`jaxbn.batch_norm`,
 `jaxbn.batch_renorm`, `jaxbn.normalize`): the renorm dispatch and the
 flax-compatible handling of one value per feature. The dtype policy lives in
 `jaxbn._dtypes`, ghost batches in `jaxbn._ghost`, precise BN in
