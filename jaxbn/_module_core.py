@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._checks import Axes, AxisIndexGroups, AxisName, check_mask, check_momentum, check_virtual_batch_size
-from jaxbn._dtypes import as_float as as_float
 from jaxbn._dtypes import output_dtype
 from jaxbn._ghost import GhostBatches
 from jaxbn._layout import Layout
