@@ -62,16 +62,6 @@ def check_input(x: ArrayLike, *, name: str = "x") -> jax.Array:
     return x
 
 
-def feature_shape(shape: Sequence[int], feature_axes: Sequence[int]) -> tuple[int, ...]:
-    """Sizes of `shape` on `feature_axes` (ascending axis order)."""
-    return tuple(shape[a] for a in feature_axes)
-
-
-def reduction_axes(ndim: int, feature_axes: Sequence[int]) -> tuple[int, ...]:
-    """Every axis of an `ndim`-dimensional input that is not a feature axis."""
-    return tuple(a for a in range(ndim) if a not in feature_axes)
-
-
 def check_feature_array(
     value: ArrayLike | None, name: str, expected: tuple[int, ...], x_shape: Sequence[int], axis: Axes, hint: str = ""
 ) -> jax.Array | None:
