@@ -116,8 +116,8 @@ def train_affine(
       y, shape of x, dtype `out_dtype`.
     """
     opts = _Options(over, np.dtype(out_dtype), scale is not None, bias is not None)
-    s = jnp.ones_like(rstd) if scale is None else scale
-    b = jnp.zeros_like(rstd) if bias is None else bias
+    s = jnp.ones_like(rstd) if scale is None else scale.astype(rstd.dtype)
+    b = jnp.zeros_like(rstd) if bias is None else bias.astype(rstd.dtype)
     stats = tuple(lax.stop_gradient(v) for v in (mean, rstd, count))
     return _train_affine(opts, x, mask, s, b, *stats)
 

@@ -199,7 +199,7 @@ def batch_norm(
         n, mean, var = moments_keepdims(call.x, lay.reduced_axes, call.mask, axis_name, axis_index_groups, strategy)
         mul = lax.rsqrt(var + epsilon)
         if call.scale is not None:
-            mul = mul * jnp.reshape(call.scale, lay.keep_shape)
+            mul = mul * jnp.reshape(call.scale, lay.keep_shape).astype(mul.dtype)
         y = affine(call.x, mean, mul, lay.keep(call.bias), out_dtype)
     else:
         over, n, mean, var = call.batch_moments(axis_name, axis_index_groups, strategy)

@@ -108,7 +108,7 @@ def _pilot_shift(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt:
         return jnp.sum(pilot * (1.0 / count), axis=red, keepdims=True)
     pm = jnp.broadcast_to(mask, x.shape)[idx]
     inv_n = 1.0 / jnp.maximum(jnp.sum(pm, axis=red, keepdims=True, dtype=jnp.float32), 1.0)
-    return jnp.sum(jnp.where(pm, pilot, jnp.zeros((), dt)) * inv_n.astype(_real(dt)), axis=red, keepdims=True)
+    return jnp.sum(jnp.where(pm, pilot, jnp.zeros((), dt)) * inv_n.astype(dt), axis=red, keepdims=True)
 
 
 def _shifted_sums(
@@ -153,7 +153,7 @@ def local_moments(
 
     def moments_about(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         s1, s2 = _shifted_sums(x, red, mask, shift)
-        delta = s1 / safe_n
+        delta = s1 / safe_n.astype(s1.dtype)
         mean = shift + delta
         return mean, (shift - mean) + delta, jnp.maximum(s2 - _abs_sq(s1) / safe_n, 0.0)
 
@@ -214,12 +214,12 @@ def chan_combine(
     stacked = total is None
     reduce = _sum_over_parts if total is None else total
     cplx = jnp.iscomplexobj(mean)
-    big_n, *sums = reduce([n, *_pack(n * mean)])
+    big_n, *sums = reduce([n, *_pack(n.astype(mean.dtype) * mean)])
     safe_n = jnp.maximum(big_n, 1.0)
-    k0 = _unpack(sums, cplx) / safe_n
+    k0 = _unpack([s / safe_n for s in sums], cplx)
     e_i = mean - k0 if mean_lo is None else (mean - k0) + mean_lo
-    *e_sums, q = reduce([*_pack(n * e_i), m2 + n * _abs_sq(e_i)])
-    e = _unpack(e_sums, cplx) / safe_n
+    *e_sums, q = reduce([*_pack(n.astype(e_i.dtype) * e_i), m2 + n * _abs_sq(e_i)])
+    e = _unpack([s / safe_n for s in e_sums], cplx)
     gm2 = jnp.maximum(q - big_n * _abs_sq(e), 0.0)
     gmean = k0 + e
     if stacked:

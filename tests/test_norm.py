@@ -245,3 +245,20 @@ def test_jvp_works_on_fused_path():
     dx_ref, _, _ = ref.bn_train_grads(x, dy, scale)
     np.testing.assert_allclose(np.sum(jt * dy), np.sum(t * dx_ref), rtol=1e-4)
     np.testing.assert_allclose(jt, jax.jvp(g, (x,), (t,))[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_mixed_parameter_dtypes_under_strict_promotion(renorm):
+    """bf16 scale/bias with float32 x (a module's param_dtype): no implicit promotion, values as the reference.
+
+    conftest.py sets jax_numpy_dtype_promotion="strict" (equinox's and haiku's test setting).
+    """
+    x, scale, bias, feat = _data((16, 4), -1)
+    sc, b = jnp.asarray(scale, jnp.bfloat16), jnp.asarray(bias, jnp.bfloat16)
+    fn = jaxbn.batch_renorm if renorm else jaxbn.batch_norm
+    y, _ = fn(x, jaxbn.init_stats(feat), sc, b, training=True, **({"r_max": 1.0, "d_max": 0.0} if renorm else {}))
+    g = jax.grad(lambda s: jnp.sum(fn(x, jaxbn.init_stats(feat), s, b, training=True)[0]))(sc)
+    assert y.dtype == jnp.float32 and g.dtype == jnp.bfloat16
+    mean, var, _ = ref.moments(x, -1)
+    np.testing.assert_allclose(y, ref.normalize(x, mean, var, np.asarray(sc, np.float32), np.asarray(b, np.float32)),
+                               rtol=1e-4, atol=1e-4)
