@@ -25,7 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Hashable, Sequence
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -241,15 +241,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             x = x.astype(promote(x.dtype, _default_float()))
         out_dtype = output_dtype(x, self.weight, self.bias, None)
-        config = dict(
-            inference=bool(inference), momentum=self.momentum, eps=self.eps,
-            axis_name=_axis_name(self.axis_name), out_dtype=out_dtype,
-        )
+        config = _Config(bool(inference), self.momentum, self.eps, _axis_name(self.axis_name), out_dtype)
         if self.mode == "batch":
             assert self.batch_counter is not None and self.batch_state_index is not None
             counter = state.get(self.batch_counter)
             mean, var = state.get(self.batch_state_index)
-            y, (counter, mean, var) = _batch_mode(x, self.weight, self.bias, mask_, (counter, mean, var), **config)
+            y, (counter, mean, var) = _apply(
+                x, self.weight, self.bias, mask_, (counter, mean, var), mode="batch", config=config
+            )
             if not inference:
                 state = state.set(self.batch_counter, counter)
                 state = state.set(self.batch_state_index, (mean, var))
@@ -257,7 +256,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             assert self.ema_first_time_index is not None and self.ema_state_index is not None
             first_time = state.get(self.ema_first_time_index)
             mean, var = state.get(self.ema_state_index)
-            y, (first_time, mean, var) = _ema_mode(x, self.weight, self.bias, mask_, (first_time, mean, var), **config)
+            y, (first_time, mean, var) = _apply(
+                x, self.weight, self.bias, mask_, (first_time, mean, var), mode="ema", config=config
+            )
             if not inference:
                 state = state.set(self.ema_first_time_index, first_time)
                 state = state.set(self.ema_state_index, (mean, var))
@@ -266,83 +267,59 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
 # The two modes' maths, jitted: called eagerly under jax.vmap, one compiled
 # program per shape instead of one per primitive (nested in an outer jit, inlined).
-_STATIC = ("inference", "momentum", "eps", "axis_name", "out_dtype")
+_State = tuple[Array, Array, Array]
 
 
-def _compute_args(
-    x: Array, weight: Array | None, bias: Array | None
-) -> tuple[Array, Array | None, Array | None]:
-    """x and the parameters in the statistics dtype (>= float32): every cast explicit, for strict promotion."""
-    compute = promote(x.dtype, jnp.float32)
-    real = np.dtype(jnp.finfo(compute).dtype)
-    return (
-        x.astype(compute),
-        None if weight is None else weight.astype(real),
-        None if bias is None else bias.astype(real),
-    )
+class _Config(NamedTuple):
+    """A call's static options (hashable: jit's static argument)."""
+
+    inference: bool
+    momentum: float
+    eps: float
+    axis_name: Hashable
+    out_dtype: np.dtype
 
 
-@partial(jax.jit, static_argnames=_STATIC)
-def _batch_mode(
-    x: Array,
-    weight: Array | None,
-    bias: Array | None,
-    mask: Array | None,
-    state: tuple[Array, Array, Array],
-    *,
-    inference: bool,
-    momentum: float,
-    eps: float,
-    axis_name: Hashable,
-    out_dtype: np.dtype,
-) -> tuple[Array, tuple[Array, Array, Array]]:
+@partial(jax.jit, static_argnames=("mode", "config"))
+def _apply(
+    x: Array, weight: Array | None, bias: Array | None, mask: Array | None, state: _State, *, mode: str,
+    config: _Config,
+) -> tuple[Array, _State]:
+    """One call in `mode` ("batch" or "ema"); the core computes in >= float32 whatever x's dtype."""
+    with jax.named_scope("jaxbn.equinox.BatchNorm"):
+        if mode == "batch":
+            return _batch_mode(x, weight, bias, mask, state, config)
+        return _ema_mode(x, weight, bias, mask, state, config)
+
+
+def _batch_mode(x: Array, w: Array | None, b: Array | None, mask: Array | None, state: _State, c: _Config) -> tuple:
     """"batch" mode: batch moments in training (the Flax modules' forward pass), running stats in inference."""
     counter, mean, var = state
-    xc, w, b = _compute_args(x, weight, bias)
-    stats = jaxbn.RunningStats(mean.astype(xc.dtype), var.astype(xc.dtype), counter)
-    with jax.named_scope("jaxbn.equinox.BatchNorm"):
-        y, new = forward(
-            xc, stats, w, b, training=not inference, initializing=False, axis=0,
-            momentum=momentum, epsilon=eps, axis_name=axis_name, axis_index_groups=None,
-            mask=mask, dtype=xc.dtype, renorm=False, renorm_r_max=3.0, renorm_d_max=5.0,
-            virtual_batch_size=None, unbiased=False,
-        )
+    y, new = forward(
+        x, jaxbn.RunningStats(mean, var, counter), w, b, training=not c.inference, initializing=False, axis=0,
+        momentum=c.momentum, epsilon=c.eps, axis_name=c.axis_name, axis_index_groups=None, mask=mask,
+        dtype=c.out_dtype, renorm=False, renorm_r_max=3.0, renorm_d_max=5.0, virtual_batch_size=None, unbiased=False,
+    )
     # `counter + Python int` keeps the counter's weak type, as equinox's `counter + 1` does.
     new_counter = counter + jnp.where(new.count > counter, 1, 0)
-    return y.astype(out_dtype), (new_counter, new.mean.astype(mean.dtype), new.var.astype(var.dtype))
+    return y, (new_counter, new.mean.astype(mean.dtype), new.var.astype(var.dtype))
 
 
-@partial(jax.jit, static_argnames=_STATIC)
-def _ema_mode(
-    x: Array,
-    weight: Array | None,
-    bias: Array | None,
-    mask: Array | None,
-    state: tuple[Array, Array, Array],
-    *,
-    inference: bool,
-    momentum: float,
-    eps: float,
-    axis_name: Hashable,
-    out_dtype: np.dtype,
-) -> tuple[Array, tuple[Array, Array, Array]]:
+def _ema_mode(x: Array, w: Array | None, b: Array | None, mask: Array | None, state: _State, c: _Config) -> tuple:
     """"ema" mode: normalize with the running stats after folding in this batch (training) or as they are."""
-    first_time, old_mean, old_var = state
-    xc, w, b = _compute_args(x, weight, bias)
-    mean, var = old_mean.astype(xc.dtype), old_var.astype(xc.dtype)
-    with jax.named_scope("jaxbn.equinox.BatchNorm"):
-        if not inference:
-            batch = jaxbn.moments(xc, axis=0, mask=mask, axis_name=axis_name)
-            stats = jaxbn.RunningStats(mean, var, jnp.zeros((), jnp.int32))
-            # The first training call takes the batch moments as they are.
-            ema = jaxbn.update_stats(stats, batch, momentum=momentum)
-            first = jaxbn.update_stats(stats, batch, momentum=0.0)
-            mean = jnp.where(first_time, first.mean, ema.mean)
-            var = jnp.where(first_time, first.var, ema.var)
-            # A batch that update_stats skips (all masked, not finite) does not use up the first time.
-            first_time = jnp.logical_and(first_time, first.count == 0)
-        y = jaxbn.normalize(xc, mean, var, w, b, axis=0, epsilon=eps)
-    return y.astype(out_dtype), (first_time, mean.astype(old_mean.dtype), var.astype(old_var.dtype))
+    first_time, mean, var = state
+    if not c.inference:
+        batch = jaxbn.moments(x, axis=0, mask=mask, axis_name=c.axis_name)
+        stats = jaxbn.RunningStats(mean, var, jnp.zeros((), jnp.int32))
+        # The first training call takes the batch moments as they are.
+        ema = jaxbn.update_stats(stats, batch, momentum=c.momentum)
+        first = jaxbn.update_stats(stats, batch, momentum=0.0)
+        mean = jnp.where(first_time, first.mean, ema.mean)
+        var = jnp.where(first_time, first.var, ema.var)
+        # A batch that update_stats skips (all masked, not finite) does not use up the first time.
+        first_time = jnp.logical_and(first_time, first.count == 0)
+    y = jaxbn.normalize(x, mean, var, w, b, axis=0, epsilon=c.eps, dtype=c.out_dtype)
+    return y, (first_time, mean, var)
 
 
 def _axis_name(axis_name: Hashable | Sequence[Hashable]) -> Hashable:
