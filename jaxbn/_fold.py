@@ -162,26 +162,29 @@ def fold(
     scale_, bias_, bn_bias_ = feat(scale, "scale"), feat(bias, "bias"), feat(bn_bias, "bn_bias")
     assert var_ is not None
 
-    # Arithmetic in at least float32; complex only where a complex value comes in.
-    given = (v.dtype for v in (mean, var_, scale_, bias_, bn_bias_) if v is not None)
-    dt = jnp.result_type(jnp.float32, kernel.dtype, *given)
-    real_dt = jnp.finfo(dt).dtype  # float part of a complex dtype
-    mul = lax.rsqrt(var_.astype(real_dt) + jnp.asarray(epsilon, real_dt))
-    if scale_ is not None:
-        mul = mul * scale_.astype(jnp.result_type(real_dt, scale_.dtype))
-    new_kernel = kernel.astype(jnp.result_type(real_dt, kernel.dtype)) * jnp.reshape(
-        mul, (1,) * (kernel.ndim - k) + fshape
-    )
-    new_bias = -mean.astype(jnp.result_type(real_dt, mean.dtype))
-    if bias_ is not None:
-        new_bias = bias_.astype(jnp.result_type(real_dt, bias_.dtype)) + new_bias
-    new_bias = new_bias * mul
-    if bn_bias_ is not None:
-        new_bias = new_bias + bn_bias_.astype(jnp.result_type(real_dt, bn_bias_.dtype))
+    # Arithmetic in at least float32; complex only where a complex value comes in: the mixed real/complex
+    # products are meant, so they run under standard promotion also in strict-promotion sessions.
+    with jax.numpy_dtype_promotion("standard"):
+        given = (v.dtype for v in (mean, var_, scale_, bias_, bn_bias_) if v is not None)
+        dt = jnp.result_type(jnp.float32, kernel.dtype, *given)
+        real_dt = jnp.finfo(dt).dtype  # float part of a complex dtype
+        mul = lax.rsqrt(var_.astype(real_dt) + jnp.asarray(epsilon, real_dt))
+        if scale_ is not None:
+            mul = mul * scale_.astype(jnp.result_type(real_dt, scale_.dtype))
+        new_kernel = kernel.astype(jnp.result_type(real_dt, kernel.dtype)) * jnp.reshape(
+            mul, (1,) * (kernel.ndim - k) + fshape
+        )
+        new_bias = -mean.astype(jnp.result_type(real_dt, mean.dtype))
+        if bias_ is not None:
+            new_bias = bias_.astype(jnp.result_type(real_dt, bias_.dtype)) + new_bias
+        new_bias = new_bias * mul
+        if bn_bias_ is not None:
+            new_bias = new_bias + bn_bias_.astype(jnp.result_type(real_dt, bn_bias_.dtype))
 
     def out_dtype(base: np.dtype, value: jax.Array) -> np.dtype:
         if jnp.iscomplexobj(value) and not jnp.issubdtype(base, jnp.complexfloating):
-            return jnp.promote_types(base, jnp.complex64)
+            with jax.numpy_dtype_promotion("standard"):
+                return jnp.promote_types(base, jnp.complex64)
         return base
 
     kernel_dtype = out_dtype(kernel.dtype, new_kernel)

@@ -192,9 +192,13 @@ class BatchNorm(nnx.Module):
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         raw_mean, raw_var = self.mean[...], self.var[...]
-        promoted = self.promote_dtype((as_float(x), raw_mean, raw_var, scale, bias), dtype=self.dtype)
-        x_, mean, var, scale, bias = (None if a is None else jnp.asarray(a) for a in promoted)
+        with jax.numpy_dtype_promotion("standard"):  # flax's promotion rule, also in strict-promotion sessions
+            promoted = self.promote_dtype((as_float(x), raw_mean, raw_var, scale, bias), dtype=self.dtype)
+        x_, mean, var, promoted_scale, bias = (None if a is None else jnp.asarray(a) for a in promoted)
         assert x_ is not None and mean is not None and var is not None
+        if promoted_scale is not None and jnp.iscomplexobj(promoted_scale) and not jnp.iscomplexobj(scale):
+            promoted_scale = jnp.real(promoted_scale)  # a real scale promoted to complex (dtype=complex64) is real
+        scale = promoted_scale
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
         y, new = forward(
             x_, RunningStats(raw_mean, raw_var, count), scale, bias, training=training, initializing=False,
