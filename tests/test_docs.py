@@ -172,7 +172,7 @@ EXAMPLES = sorted(f for f in os.listdir(os.path.join(ROOT, "examples")) if f.end
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_has_header_and_readme_entry(name):
+def test_example_has_header_and_docs_entry(name):
     import ast
 
     with open(os.path.join(ROOT, "examples", name), encoding="utf-8") as f:
