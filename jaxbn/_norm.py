@@ -78,8 +78,14 @@ def _normalize(
 ) -> jax.Array:
     mul = lax.rsqrt(var.astype(stats_dtype(var.dtype)) + epsilon)
     if scale is not None:
-        mul = mul * scale.astype(mul.dtype)
+        mul = _scaled(mul, scale)
     return affine(x, lay.keep(mean), lay.keep(mul), lay.keep(bias), out_dtype)  # type: ignore[arg-type]
+
+
+def _scaled(mul: jax.Array, scale: jax.Array) -> jax.Array:
+    """`mul * scale` in the statistics dtype (complex if `scale` is), with no implicit promotion."""
+    dt = stats_dtype(scale.dtype) if jnp.iscomplexobj(scale) else mul.dtype
+    return mul.astype(dt) * scale.astype(dt)
 
 
 def _out_dtype(x: jax.Array, dtype: DTypeLike | None) -> np.dtype:
@@ -199,7 +205,7 @@ def batch_norm(
         n, mean, var = moments_keepdims(call.x, lay.reduced_axes, call.mask, axis_name, axis_index_groups, strategy)
         mul = lax.rsqrt(var + epsilon)
         if call.scale is not None:
-            mul = mul * jnp.reshape(call.scale, lay.keep_shape).astype(mul.dtype)
+            mul = _scaled(mul, jnp.reshape(call.scale, lay.keep_shape))
         y = affine(call.x, mean, mul, lay.keep(call.bias), out_dtype)
     else:
         over, n, mean, var = call.batch_moments(axis_name, axis_index_groups, strategy)

@@ -263,3 +263,15 @@ def test_mixed_parameter_dtypes_under_strict_promotion(renorm):
     mean, var, _ = ref.moments(x, -1)
     np.testing.assert_allclose(y, ref.normalize(x, mean, var, np.asarray(sc, np.float32), np.asarray(b, np.float32)),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_complex_scale_keeps_its_imaginary_part():
+    """A complex scale (NNX with dtype=complex64) multiplies as complex, in training and inference."""
+    rng = np.random.default_rng(11)
+    x = (rng.normal(size=(12, 3)) + 1j * rng.normal(size=(12, 3))).astype(np.complex64)
+    scale = (1.0 + 0.5j) * np.ones(3, np.complex64)
+    y, new = jaxbn.batch_norm(x, jaxbn.init_stats(3), scale, training=True)
+    mean, var, _ = ref.moments(x, -1)
+    np.testing.assert_allclose(y, ref.normalize(x, mean, var, scale), rtol=1e-4, atol=1e-5)
+    y_inf, _ = jaxbn.batch_norm(x, new, scale, training=False)
+    np.testing.assert_allclose(y_inf, ref.normalize(x, new.mean, new.var, scale), rtol=1e-4, atol=1e-5)
