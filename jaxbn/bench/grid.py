@@ -100,6 +100,6 @@ PLACEMENTS = {
     "jit": "8 devices, plain jax.jit over a batch sharded on a mesh (XLA partitions the BN reductions)",
 }
 #: The default whole-model grid: small enough for a few minutes on 2 CPU cores.
-MODEL_GRID = (ModelCase("resnet18", 16, 32, 64), ModelCase("resnet50", 16, 32, 32))
+MODEL_GRID = (ModelCase("resnet18", 16, 32, 32), ModelCase("resnet50", 8, 32, 16))
 #: Tiny models for `--quick`.
 QUICK_MODEL_GRID = (ModelCase("resnet10", 8, 16, 8),)
