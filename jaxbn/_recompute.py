@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxbn._checks import Axes, AxisIndexGroups, AxisName
+from jaxbn._running import Moments, contributes
 from jaxbn._stats import chan_combine, moments
 
 #: Linen collection in which each layer sows its `BatchMoments` while
@@ -64,7 +65,9 @@ def population_stats(
 ) -> tuple[jax.Array, jax.Array]:
     """Population `(mean, var)` of every entry the `parts` describe, for a layer's running statistics.
 
-    The parts are merged by Chan's formula; the variance is M2 / N, or
+    The parts are merged by Chan's formula, each feature of a part whose
+    moments are not finite (inf/NaN in that batch) left out, as
+    `update_stats` leaves it out; the variance is M2 / N, or
     M2 / (N - 1) with `unbiased`. Features no part counted keep `old_mean` /
     `old_var`. The mean keeps `old_mean`'s dtype (complex64 when the input was
     complex), the variance `old_var`'s.
@@ -80,9 +83,12 @@ def population_stats(
     """
     if not parts:
         raise ValueError("no batch moments to combine")
-    n, mean, m2 = chan_combine(
-        jnp.stack([p.n for p in parts]), jnp.stack([p.mean for p in parts]), jnp.stack([p.m2 for p in parts])
-    )
+    n, mean, m2 = (jnp.stack(v) for v in zip(*parts, strict=True))
+    # A part that could not update running statistics (no valid entry, or inf/NaN in the
+    # batch) is left out per feature, as update_stats leaves it out (m2 is finite iff var is).
+    ok = contributes(Moments(mean, m2, n))
+    n, mean, m2 = (jnp.where(ok, v, jnp.zeros((), v.dtype)) for v in (n, mean, m2))
+    n, mean, m2 = chan_combine(n, mean, m2)
     var = m2 / jnp.maximum(n - 1.0 if unbiased else n, 1.0)
     old_mean, old_var = jnp.asarray(old_mean), jnp.asarray(old_var)
     mean_dtype = old_mean.dtype

@@ -317,6 +317,27 @@ def test_masked_nan_and_all_masked_batches_contribute_nothing():
     np.testing.assert_allclose(model.bn.var[...], kept.var(0), rtol=1e-5)
 
 
+def test_non_finite_batch_is_left_out_per_feature():
+    """A batch with NaN in a VALID entry of feature 0 (and inf in all of another batch) poisons nothing:
+    feature 0 is the population of the other batches, feature 1 of every finite batch."""
+    rng = np.random.default_rng(7)
+    xs = [(1.0 + 2.0 * rng.normal(size=(n, 2))).astype(np.float32) for n in (6, 5, 7, 3)]
+    xs[1][2, 0] = np.nan
+    xs[3][:] = np.inf
+    every = np.ones((1, 1), bool)
+    batches = [(x, every) for x in xs]
+    want0 = np.concatenate([xs[0], xs[2]])[:, 0].astype(np.float64)
+    want1 = np.concatenate(xs[:3])[:, 1].astype(np.float64)
+    v = _LinenMasked().init(jax.random.key(0), *batches[0])
+    stats = jaxbn.linen.recompute_batch_stats(_LinenMasked(), v, batches)["batch_stats"]["BatchNorm_0"]
+    np.testing.assert_allclose(stats["mean"], [want0.mean(), want1.mean()], rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], [want0.var(), want1.var()], rtol=1e-5)
+    model = _NNXMasked(nnx.Rngs(0))
+    jaxbn.nnx.recompute_batch_stats(model, batches)
+    np.testing.assert_allclose(model.bn.mean[...], [want0.mean(), want1.mean()], rtol=1e-5)
+    np.testing.assert_allclose(model.bn.var[...], [want0.var(), want1.var()], rtol=1e-5)
+
+
 def test_linen_names_a_scanned_layer_that_cannot_report():
     class Mixed(nn.Module):
         @nn.compact
