@@ -91,6 +91,16 @@ def init_stats(feature_shape: int | Sequence[int], dtype: DTypeLike = jnp.float3
     )
 
 
+def _keep_where(updated: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """`new` where `updated`, else `old` exactly.
+
+    `old + zeros_like(new)` gives `old` the sharding of `new`: under Explicit
+    mesh axes `select` refuses operands sharded differently (ghost batches
+    over a sharded batch: per-group moments sharded, the old stats replicated).
+    """
+    return jnp.where(updated, new, old + jnp.zeros_like(new))
+
+
 def contributes(moments: Moments) -> jax.Array:
     """Per feature: may this batch update running statistics? (some valid entry, finite mean and var)
 
@@ -173,7 +183,7 @@ def update_stats(
     updated = contributes(moments)
     out_mean_dt = mean_dt if jnp.iscomplexobj(batch_mean) and not jnp.iscomplexobj(stats.mean) else stats.mean.dtype
     return RunningStats(
-        mean=jnp.where(updated, new_mean, old_mean).astype(out_mean_dt),
-        var=jnp.where(updated, new_var, old_var).astype(stats.var.dtype),
+        mean=_keep_where(updated, new_mean, old_mean).astype(out_mean_dt),
+        var=_keep_where(updated, new_var, old_var).astype(stats.var.dtype),
         count=jnp.asarray(stats.count) + jnp.any(updated).astype(jnp.asarray(stats.count).dtype),
     )

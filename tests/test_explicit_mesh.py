@@ -151,12 +151,6 @@ def test_nnx_module_under_nnx_jit(mesh, data):
     assert spec_of(y) == ("data",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ghost batches over a sharded batch: update_stats' jnp.where(valid, new, old) gets the groups' "
-    "moments sharded on 'data' and the tiled old stats replicated, and select needs equal shardings under "
-    "Explicit axes (ShardingTypeError); remove this mark with the fix",
-)
 def test_linen_ghost_batches_under_jit(mesh, data):
     x, _, _ = data
     bn = jaxbn.linen.BatchNorm(use_running_average=False, virtual_batch_size=4, momentum=0.9)
