@@ -17,7 +17,9 @@ kernels, temp bytes, each next to flax's. Deterministic: no timing. Variants:
 * ``row-pilot``: the pilot shift taken from one entry per feature (index 0 of every reduced axis);
 * ``tuple-sums``: `Reduction.sums` returns a tuple (one psum of the tuple) instead of a stacked array;
 * ``pilot+sums``: row-pilot + tuple-sums;
-* ``proposal``: row-pilot + tuple-sums + no-remat.
+* ``proposal``: row-pilot + tuple-sums + no-remat;
+* ``sample-pilot``: the pilot shift = the mean of the first example (a contiguous slice, index 0 of the batch axis);
+* ``sample+sums``: sample-pilot + tuple-sums.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def patched(variant: str) -> Iterator[None]:
         setattr_(jax, "checkpoint", lambda f, **_: f)
     if variant in ("row-pilot", "proposal", "pilot+sums"):
         setattr_(stats, "_pilot_shift", _row_pilot)
-    if variant in ("tuple-sums", "proposal", "pilot+sums"):
+    if variant in ("sample-pilot", "sample+sums"):
+        setattr_(stats, "_pilot_shift", _sample_pilot)
+    if variant in ("tuple-sums", "proposal", "pilot+sums", "sample+sums", "local-tuple-sums"):
         setattr_(kernel.Reduction, "sums", _tuple_sums)
     if variant == "proposal":
         setattr_(jax, "checkpoint", lambda f, **_: f)
@@ -90,6 +94,12 @@ def _row_pilot(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt: j
     return jax.lax.stop_gradient(x[idx].astype(dt))
 
 
+def _sample_pilot(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt: jnp.dtype) -> jax.Array:
+    """The shift from the first example (index 0 of the first reduced axis, every entry of the others): contiguous."""
+    idx = tuple(slice(0, 1) if a == red[0] else slice(None) for a in range(x.ndim))
+    return jnp.mean(jax.lax.stop_gradient(x[idx].astype(dt)), axis=red, keepdims=True)
+
+
 def _tuple_sums(self: kernel.Reduction, *vs: jax.Array) -> tuple[jax.Array, ...]:
     """Reduction.sums without the stack (whose transpose is a pad kernel per sum); one psum of the tuple."""
     s = tuple(jnp.sum(v, self.axes, keepdims=True) for v in vs)
@@ -105,7 +115,7 @@ class _LaxWithoutBarrier:
 
 VARIANTS = (
     "current", "no-convert-barrier", "no-spelling", "no-tangent-barrier", "no-barriers", "no-remat", "no-pilot",
-    "bare", "row-pilot", "tuple-sums", "pilot+sums", "proposal",
+    "bare", "row-pilot", "tuple-sums", "pilot+sums", "proposal", "sample-pilot", "sample+sums",
 )  # fmt: skip
 
 
