@@ -15,6 +15,7 @@ needs8 = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)"
 )
 
+
 @pytest.fixture(scope="module")
 def table8():
     if jax.device_count() != 8:
