@@ -23,6 +23,7 @@ global count, the tangent of y = scale * x_hat + bias is::
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
@@ -50,11 +51,16 @@ class Reduction:
     axis_name: AxisName | None = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
 
-    def sums(self, *vs: jax.Array) -> jax.Array:
-        """Per-feature sums of each of `vs` over the reduced axes and the devices, stacked (one all-reduce)."""
-        s = jnp.stack([jnp.sum(v, self.axes, keepdims=True) for v in vs])
+    def sums(self, *vs: jax.Array) -> Sequence[jax.Array]:
+        """Per-feature sums of each of `vs` over the reduced axes and the devices (keepdims).
+
+        Across devices they are stacked into one all-reduce; on one device they
+        stay separate (the transpose of a stack is a `pad` kernel per sum).
+        """
+        local = [jnp.sum(v, self.axes, keepdims=True) for v in vs]
         if self.axis_name is None:
-            return s
+            return local
+        s = jnp.stack(local)
         groups = None if self.axis_index_groups is None else [list(g) for g in self.axis_index_groups]
         return lax.psum(s, self.axis_name, axis_index_groups=groups)
 
