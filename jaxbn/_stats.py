@@ -83,9 +83,22 @@ def _count(mask: jax.Array | None, shape: Sequence[int], red: Sequence[int]) -> 
     return jnp.sum(mask, axis=summed, keepdims=True, dtype=jnp.float32) * implicit
 
 
-def _pilot_stride(size: int, reduced_axes: int) -> int:
-    """Stride of the pilot along one reduced axis: >= 8 positions, and <= 1024 entries per pilot entry overall."""
-    return max(1, min(-(-size // _PILOT), int(_PILOT_DENSITY ** (1.0 / reduced_axes) + 1e-9)))
+def _pilot_slice(shape: tuple[int, ...], red: tuple[int, ...]) -> tuple[slice, ...]:
+    """Where the pilot is: n / p <= 1024 whatever the shape, and spread over the leading reduced axis.
+
+    With several reduced axes (N, H, W): every entry of the leading one, the
+    first ceil(size / 1024) of the second, all of the rest. A plain slice:
+    XLA reads it in place, and on a batch sharded over N under `jax.jit`
+    every shard holds part of it (one small all-reduce, no broadcast of one
+    shard's rows; slicing a sharded axis is refused under Explicit mesh
+    axes). With one reduced axis (N, C): every ceil(N / 8)-th row, at most
+    1024 apart (a strided slice, also spread over the shards).
+    """
+    if len(red) >= 2:
+        first_rows = slice(0, -(-shape[red[1]] // _PILOT_DENSITY))
+        return tuple(first_rows if a == red[1] else slice(None) for a in range(len(shape)))
+    stride = max(1, min(-(-shape[red[0]] // _PILOT), _PILOT_DENSITY)) if red else 1
+    return tuple(slice(0, None, stride) if a in red else slice(None) for a in range(len(shape)))
 
 
 def _pilot_shift(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt: np.dtype) -> jax.Array:
@@ -101,7 +114,7 @@ def _pilot_shift(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt:
     FMA (`x - K` about the exact quotient, `K + S1 / n` about another value),
     and the mean comes out wrong by up to ulp(K) (0.004 at 1e5 in float32).
     """
-    idx = tuple(slice(0, None, _pilot_stride(x.shape[a], len(red))) if a in red else slice(None) for a in range(x.ndim))
+    idx = _pilot_slice(x.shape, red)
     pilot = lax.stop_gradient(x[idx].astype(dt))
     if mask is None:
         count = math.prod(pilot.shape[a] for a in red)
