@@ -96,15 +96,17 @@ class _Prepared:
     """A validated call: x, its layout, stats, scale/bias and mask as arrays."""
 
     def __init__(
-        self, x: ArrayLike, stats: RunningStats, scale: ArrayLike | None, bias: ArrayLike | None,
+        self, x: ArrayLike, stats: RunningStats | None, scale: ArrayLike | None, bias: ArrayLike | None,
         axis: Axes, momentum: float | None, epsilon: float, mask: ArrayLike | None,
     ):
         self.x = check_input(x)
         check_momentum(momentum)
         check_epsilon(epsilon)
         self.lay = lay = Layout.of(self.x.shape, axis)
-        mean, var, count = check_stats_tuple(stats)
         fshape = lay.feature_shape
+        if stats is None:  # normalize_batch: no running statistics involved
+            stats = RunningStats(jnp.zeros(fshape), jnp.ones(fshape), jnp.zeros((), jnp.int32))
+        mean, var, count = check_stats_tuple(stats)
         hint = f"; build stats with jaxbn.init_stats({fshape if len(fshape) > 1 else fshape[0]})"
         mean_, var_ = lay.check(mean, "stats.mean", hint), lay.check(var, "stats.var", hint)
         assert mean_ is not None and var_ is not None
@@ -115,6 +117,23 @@ class _Prepared:
     def inference(self, epsilon: float, out_dtype: np.dtype) -> tuple[jax.Array, RunningStats]:
         s = self.stats
         return _normalize(self.x, self.lay, s.mean, s.var, self.scale, self.bias, epsilon, out_dtype), s
+
+    def train(
+        self, epsilon: float, axis_name: AxisName, groups: AxisIndexGroups, strategy: Strategy, out_dtype: np.dtype
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Training normalization with the batch moments: (y, count, mean, var), moments keepdims."""
+        lay = self.lay
+        if jnp.iscomplexobj(self.x):  # plain autodiff through the moments
+            check_trainable(self.x.shape, lay.axis, lay.reduced_size, axis_name)
+            n, mean, var = moments_keepdims(self.x, lay.reduced_axes, self.mask, axis_name, groups, strategy)
+            mul = lax.rsqrt(var + epsilon)
+            if self.scale is not None:
+                mul = _scaled(mul, jnp.reshape(self.scale, lay.keep_shape))
+            return affine(self.x, mean, mul, lay.keep(self.bias), out_dtype), n, mean, var
+        over, n, mean, var = self.batch_moments(axis_name, groups, strategy)
+        y = train_affine(self.x, self.mask, lay.keep(self.scale), lay.keep(self.bias), mean,
+                         lax.rsqrt(var + epsilon), n, over=over, out_dtype=out_dtype)
+        return y, n, mean, var
 
     def batch_moments(
         self, axis_name: AxisName, groups: AxisIndexGroups, strategy: Strategy
@@ -199,19 +218,39 @@ def batch_norm(
     out_dtype = _out_dtype(call.x, dtype)
     if not training:
         return call.inference(epsilon, out_dtype)
-    lay = call.lay
-    if jnp.iscomplexobj(call.x):
-        check_trainable(call.x.shape, axis, lay.reduced_size, axis_name)
-        n, mean, var = moments_keepdims(call.x, lay.reduced_axes, call.mask, axis_name, axis_index_groups, strategy)
-        mul = lax.rsqrt(var + epsilon)
-        if call.scale is not None:
-            mul = _scaled(mul, jnp.reshape(call.scale, lay.keep_shape))
-        y = affine(call.x, mean, mul, lay.keep(call.bias), out_dtype)
-    else:
-        over, n, mean, var = call.batch_moments(axis_name, axis_index_groups, strategy)
-        y = train_affine(call.x, call.mask, lay.keep(call.scale), lay.keep(call.bias), mean,
-                         lax.rsqrt(var + epsilon), n, over=over, out_dtype=out_dtype)
+    y, n, mean, var = call.train(epsilon, axis_name, axis_index_groups, strategy, out_dtype)
     return y, call.updated(n, mean, var, momentum, unbiased)
+
+
+def normalize_batch(
+    x: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    axis: Axes = -1,
+    epsilon: float = 1e-5,
+    axis_name: AxisName = None,
+    axis_index_groups: AxisIndexGroups = None,
+    mask: ArrayLike | None = None,
+    dtype: DTypeLike | None = None,
+    strategy: Strategy = "auto",
+) -> tuple[jax.Array, Moments]:
+    """`batch_norm`'s training output without running statistics: `(y, batch moments)`.
+
+    For modules whose running averages follow their framework's own rule
+    (haiku's debiased EMA): the same closed-form kernel, one pass of moments,
+    and the `Moments` to fold in (with `jaxbn._running.contributes` deciding
+    which features may update). Arguments as in `batch_norm`.
+
+    >>> import jax.numpy as jnp
+    >>> y, m = normalize_batch(jnp.array([[1.0], [3.0]]), epsilon=1e-6)
+    >>> y.round(3).tolist(), m.mean.tolist(), m.var.tolist()
+    ([[-1.0], [1.0]], [2.0], [1.0])
+    """
+    call = _Prepared(x, None, scale, bias, axis, None, epsilon, mask)
+    y, n, mean, var = call.train(epsilon, axis_name, axis_index_groups, strategy, _out_dtype(call.x, dtype))
+    lay = call.lay
+    return y, Moments(lay.flat(mean), lay.flat(var), lay.flat(n))
 
 
 def batch_renorm(

@@ -29,6 +29,7 @@ import it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 
 import haiku as hk
@@ -38,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from jaxbn._dtypes import as_float, promote
-from jaxbn._norm import normalize
+from jaxbn._norm import normalize, normalize_batch
 from jaxbn._running import contributes, stats_dtype
 from jaxbn._stats import moments
 
@@ -228,28 +229,11 @@ class BatchNorm(hk.Module):
         # The core wants >= 1 feature axis: with every axis reduced (or a
         # scalar input), a trailing feature axis of size 1 is added.
         feat = tuple(i for i in range(x.ndim) if i not in reduced)
-        xs = x_float.astype(sdt)
+        xs = x_float  # the core computes in >= float32 itself: no full-size float32 copy of a bf16 x
         if not feat:
             xs, feat = xs[..., None], (x.ndim,)
             mask = None if mask is None else jnp.asarray(mask)[..., None]
         fshape = tuple(xs.shape[a] for a in feat)
-
-        if is_training or test_local_stats:
-            axis_name = self.cross_replica_axis or None
-            if isinstance(axis_name, list):
-                axis_name = tuple(axis_name)
-            m = moments(
-                xs, axis=feat, mask=mask, axis_name=axis_name,
-                axis_index_groups=self.cross_replica_axis_index_groups,
-            )
-            mean, var = m.mean, m.var
-            if is_training:
-                valid = contributes(m)
-                self.mean_ema(mean.reshape(w_shape), valid=valid.reshape(w_shape))
-                self.var_ema(var.reshape(w_shape), valid=valid.reshape(w_shape))
-        else:
-            mean = self.mean_ema.average.astype(sdt).reshape(fshape)
-            var = self.var_ema.average.astype(np.finfo(sdt).dtype).reshape(fshape)
 
         if self.create_scale:
             scale = hk.get_parameter("scale", w_shape, x.dtype, self.scale_init)
@@ -259,9 +243,37 @@ class BatchNorm(hk.Module):
         # (Python scalars are weakly typed: they do not promote).
         params = (v for v in (scale, offset) if v is not None and not isinstance(v, int | float))
         out_dtype = promote(x_float.dtype, *(jnp.asarray(v).dtype for v in params))
-        y = normalize(xs, mean, var, axis=feat, epsilon=self.eps).reshape(x.shape)
-        if scale is not None:
-            y = y * _broadcastable(scale, "scale", x.shape).astype(y.dtype)
-        if offset is not None:
-            y = y + _broadcastable(offset, "offset", x.shape).astype(y.dtype)
+        # Per-feature scale/offset (the module's own parameters) go into the kernel, so that the
+        # normalized x is not kept for the backward pass; other call-time shapes are applied after.
+        fused = xs.ndim == x.ndim and all(v is None or jnp.shape(v) == w_shape for v in (scale, offset))
+        k_scale, k_offset = (scale, offset) if fused else (None, None)
+        k_dtype = out_dtype if fused else sdt
+
+        if is_training or test_local_stats:
+            axis_name = self.cross_replica_axis or None
+            if isinstance(axis_name, list):
+                axis_name = tuple(axis_name)
+            groups = self.cross_replica_axis_index_groups
+            if axis_name is None and xs.size <= math.prod(fshape):
+                # one value per feature: haiku normalizes it to 0 (var 0); the core's kernel refuses to train on it
+                m = moments(xs, axis=feat, mask=mask)
+                y = normalize(xs, m.mean, m.var, k_scale, k_offset, axis=feat, epsilon=self.eps, dtype=k_dtype)
+            else:  # the closed-form kernel: one pass of moments, x the only full-size residual
+                y, m = normalize_batch(xs, k_scale, k_offset, axis=feat, epsilon=self.eps, axis_name=axis_name,
+                                       axis_index_groups=groups, mask=mask, dtype=k_dtype)
+            if is_training:
+                valid = contributes(m).reshape(w_shape)
+                self.mean_ema(m.mean.reshape(w_shape), valid=valid)
+                self.var_ema(m.var.reshape(w_shape), valid=valid)
+        else:
+            mean = self.mean_ema.average.astype(sdt).reshape(fshape)
+            var = self.var_ema.average.astype(np.finfo(sdt).dtype).reshape(fshape)
+            y = normalize(xs, mean, var, k_scale, k_offset, axis=feat, epsilon=self.eps, dtype=k_dtype)
+
+        y = y.reshape(x.shape)
+        if not fused:
+            if scale is not None:
+                y = y * _broadcastable(scale, "scale", x.shape).astype(y.dtype)
+            if offset is not None:
+                y = y + _broadcastable(offset, "offset", x.shape).astype(y.dtype)
         return y.astype(out_dtype)

@@ -95,14 +95,24 @@ def _flax(fast_variance: bool, jaxbn_module: bool = False) -> Builder:
     return build
 
 
-def _haiku(shape: tuple[int, ...], axis: int, dtype: DTypeLike, axis_name: Hashable | None) -> Layer:
+def _haiku(ours: bool) -> Builder:
+    """haiku.BatchNorm, or (`ours`) jaxbn.haiku.BatchNorm swapped in for it: the same code otherwise."""
+
+    def build(shape: tuple[int, ...], axis: int, dtype: DTypeLike, axis_name: Hashable | None) -> Layer:
+        return _haiku_layer(shape, axis, dtype, axis_name, ours)
+
+    return build
+
+
+def _haiku_layer(shape: tuple[int, ...], axis: int, dtype: DTypeLike, axis_name: Hashable | None, ours: bool) -> Layer:
     import haiku as hk
 
+    batch_norm = importlib.import_module("jaxbn.haiku").BatchNorm if ours else hk.BatchNorm
     fmt = "channels_first" if axis % len(shape) == 1 and len(shape) > 2 else "channels_last"
 
     def make(name: Hashable | None) -> hk.TransformedWithState:
         def fn(x: jax.Array, training: bool) -> jax.Array:
-            bn = hk.BatchNorm(True, True, 0.99, eps=1e-5, data_format=fmt, cross_replica_axis=name)  # type: ignore[arg-type]
+            bn = batch_norm(True, True, 0.99, eps=1e-5, data_format=fmt, cross_replica_axis=name)  # type: ignore[arg-type]
             return bn(x, is_training=training).astype(x.dtype)
 
         return hk.transform_with_state(fn)
@@ -117,13 +127,25 @@ def _haiku(shape: tuple[int, ...], axis: int, dtype: DTypeLike, axis_name: Hasha
     return Layer(params, state, apply)
 
 
-def _equinox(shape: tuple[int, ...], axis: int, dtype: DTypeLike, axis_name: Hashable | None) -> Layer:
+def _equinox(ours: bool) -> Builder:
+    """equinox.nn.BatchNorm, or (`ours`) jaxbn.equinox.BatchNorm swapped in for it: the same code otherwise."""
+
+    def build(shape: tuple[int, ...], axis: int, dtype: DTypeLike, axis_name: Hashable | None) -> Layer:
+        return _equinox_layer(shape, axis, dtype, axis_name, ours)
+
+    return build
+
+
+def _equinox_layer(
+    shape: tuple[int, ...], axis: int, dtype: DTypeLike, axis_name: Hashable | None, ours: bool
+) -> Layer:
     import equinox as eqx
 
+    batch_norm = importlib.import_module("jaxbn.equinox").BatchNorm if ours else eqx.nn.BatchNorm
     feat = axis % len(shape)
     vname = "_bench_batch"
     names = vname if axis_name is None else (vname, axis_name)
-    model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(shape[feat], axis_name=names, mode="batch")
+    model, state = eqx.nn.make_with_state(batch_norm)(shape[feat], axis_name=names, mode="batch")
     params = {"scale": model.weight, "bias": model.bias}
 
     def apply(p: PyTree, s: PyTree, x: jax.Array, training: bool) -> tuple[jax.Array, PyTree]:
@@ -147,8 +169,14 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     ),
     "flax": Implementation("flax", _flax(True), "flax.linen.BatchNorm (default: use_fast_variance=True)"),
     "flax-exact": Implementation("flax", _flax(False), "flax.linen.BatchNorm(use_fast_variance=False)"),
-    "haiku": Implementation("haiku", _haiku, "haiku.BatchNorm (create_scale, create_offset)"),
-    "equinox": Implementation("equinox", _equinox, "equinox.nn.BatchNorm(mode='batch') under jax.vmap, channels first"),
+    "haiku": Implementation("haiku", _haiku(False), "haiku.BatchNorm (create_scale, create_offset)"),
+    "jaxbn.haiku": Implementation("haiku", _haiku(True), "jaxbn.haiku.BatchNorm (drop-in for haiku's, same call)"),
+    "equinox": Implementation(
+        "equinox", _equinox(False), "equinox.nn.BatchNorm(mode='batch') under jax.vmap, channels first"
+    ),
+    "jaxbn.equinox": Implementation(
+        "equinox", _equinox(True), "jaxbn.equinox.BatchNorm(mode='batch') (drop-in for equinox's, same call)"
+    ),
 }
 #: The implementation every speedup is relative to.
 REFERENCE = "flax"
