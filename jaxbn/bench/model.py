@@ -64,7 +64,9 @@ def train_step(model: Any, lr: float = 0.1, axis_name: Hashable | None = None) -
     def step(params: PyTree, batch_stats: PyTree, opt_state: PyTree, x: jax.Array, labels: jax.Array) -> PyTree:
         def loss_fn(p: PyTree) -> tuple[jax.Array, PyTree]:
             logits, upd = model.apply({"params": p, "batch_stats": batch_stats}, x, mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+            # one-hot, not integer labels: the label gather's transpose is refused on an Explicit mesh (JAX 0.12)
+            onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+            loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot).mean()
             return loss, upd.get("batch_stats", {})
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
