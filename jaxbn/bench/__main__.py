@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from jaxbn.bench import grid
@@ -75,10 +75,7 @@ def layer_main(argv: Sequence[str], prog: str = "python -m jaxbn.bench layer") -
         saved = _load(opts.from_json)
         print(text(saved, opts.markdown))
         return saved
-    modes = [m for m in opts.modes.split(",") if m]
-    bad = [m for m in modes if m not in layers.MODES]
-    if bad:
-        p.error(f"unknown mode(s) {bad}; choose from {', '.join(layers.MODES)}")
+    modes = _pick(p, opts.modes, layers.MODES, "mode(s)")
     from jaxbn.bench import layer
 
     rep = layer.run(
@@ -94,6 +91,15 @@ def layer_main(argv: Sequence[str], prog: str = "python -m jaxbn.bench layer") -
     )
     _output(opts, rep, text, plot.plot_layer)
     return rep
+
+
+def _pick(p: argparse.ArgumentParser, raw: str, known: Collection[str], what: str) -> list[str]:
+    """The comma-separated entries of `raw`, each one of `known` (else argparse's usage error)."""
+    items = [v for v in raw.split(",") if v]
+    bad = [v for v in items if v not in known]
+    if bad:
+        p.error(f"unknown {what} {bad}; choose from {', '.join(known)}")
+    return items
 
 
 def model_main(argv: Sequence[str]) -> dict[str, Any] | None:
@@ -120,10 +126,7 @@ def model_main(argv: Sequence[str]) -> dict[str, Any] | None:
         saved = _load(opts.from_json)
         print(text(saved, opts.markdown))
         return saved
-    placements = [x for x in opts.placements.split(",") if x]
-    bad = [x for x in placements if x not in grid.PLACEMENTS]
-    if bad:
-        p.error(f"unknown placement(s) {bad}; choose from {', '.join(grid.PLACEMENTS)}")
+    placements = _pick(p, opts.placements, grid.PLACEMENTS, "placement(s)")
     cases = (
         model.parse_configs(opts.configs)
         if opts.configs

@@ -82,13 +82,17 @@ def norm_factory(impl: str, *, dtype: DTypeLike | None = None, axis_name: Hashab
     )
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions, each followed by a batch norm, and a residual add."""
+class _Block(nn.Module):
+    """A residual block's configuration: width, batch-norm factory, stride, compute dtype."""
 
     features: int
     norm: NormFactory
     strides: int = 1
     dtype: DTypeLike = jnp.float32
+
+
+class BasicBlock(_Block):
+    """Two 3x3 convolutions, each followed by a batch norm, and a residual add."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -100,13 +104,8 @@ class BasicBlock(nn.Module):
         return nn.relu(x + y)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_Block):
     """1x1, 3x3 and 1x1 (4x wider) convolutions, each followed by a batch norm, and a residual add."""
-
-    features: int
-    norm: NormFactory
-    strides: int = 1
-    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
