@@ -102,11 +102,7 @@ def _pilot_slice(shape: tuple[int, ...], red: tuple[int, ...]) -> tuple[slice, .
 
 
 def _pilot_shift(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt: np.dtype) -> jax.Array:
-    """A per-feature shift: the mean of the valid entries of a strided pilot slice (0 if none is valid).
-
-    Spread over the batch, so that on a batch sharded under `jax.jit` the
-    pilot comes from every shard (one small all-reduce instead of a
-    broadcast of the first shard's rows); dense enough that n / p <= 1024.
+    """A per-feature shift: the mean of the valid entries of the pilot (`_pilot_slice`; 0 if none is valid).
 
     The mean is written as a reduction of pre-scaled entries, so that K is one
     rounded value that every consumer reads: as `sum / p` XLA re-computes the
