@@ -23,9 +23,10 @@ def moments(x, axis=-1, mask=None):
     feat, red = as_axes(x.ndim, axis)
     w = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask), x.shape).astype(np.float64)
     n = w.sum(axis=red)
-    mean = (w * x).sum(axis=red) / np.maximum(n, 1)
-    d = x - np.expand_dims(mean, red)
-    var = (w * np.abs(d) ** 2).sum(axis=red) / np.maximum(n, 1)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN data gives inf/NaN moments, as it should
+        mean = (w * x).sum(axis=red) / np.maximum(n, 1)
+        d = x - np.expand_dims(mean, red)
+        var = (w * np.abs(d) ** 2).sum(axis=red) / np.maximum(n, 1)
     return mean, var, n
 
 
