@@ -2,8 +2,8 @@
 
 Run from the repository root: ``python docs/bn_variants.py [arch:batch:image:width] [dtypes] [placements]``
 (default ``resnet18:16:32:64 float32,bfloat16 1dev``). Each variant patches jaxbn's kernel at trace time (the
-library files are not edited), compiles the whole training step of `jaxbn.bench.model` with `jaxbn.linen.BatchNorm`
-and prints BN's in-context cost (step minus the identity step) from `jaxbn.bench.hlo.analyze`: bytes accessed,
+library files are not edited), compiles the whole training step of `benchmarks.model` with `jaxbn.linen.BatchNorm`
+and prints BN's in-context cost (step minus the identity step) from `benchmarks.hlo.analyze`: bytes accessed,
 kernels, temp bytes, each next to flax's. Deterministic: no timing. Variants:
 
 * ``current``: jaxbn as it is;
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import jaxbn._kernel as kernel
 import jaxbn._stats as stats
 import jaxbn._xla as xla
-from jaxbn.bench import model
+from benchmarks import model
 
 
 def _plain_converts(x: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:

@@ -1,8 +1,9 @@
 """Import rules of docs/architecture.md, checked by parsing the imports with `ast` (nothing is imported).
 
 Core: jax, numpy and stdlib only. Module core: no framework either. Wrappers: the core, the module core and
-their own framework, never each other or the bench, and no statistics maths of their own. The bench: outside
-the import path. Plus one subprocess that reads `sys.modules` after `import jaxbn` / `import jaxbn.linen`.
+their own framework, never each other, and no statistics maths of their own. The benchmarks: in
+the repository's top-level `benchmarks/`, never in the package. Plus one subprocess that reads `sys.modules`
+after `import jaxbn` / `import jaxbn.linen`.
 """
 
 import ast
@@ -20,7 +21,6 @@ CORE = {"jaxbn", "jaxbn._checks", "jaxbn._layout", "jaxbn._xla", "jaxbn._running
 MODULE_CORE = {"jaxbn._module_core", "jaxbn._dtypes", "jaxbn._ghost", "jaxbn._recompute"}
 WRAPPERS = {"jaxbn.linen": "flax", "jaxbn.nnx": "flax", "jaxbn.interop": "flax", "jaxbn.equinox": "equinox",
             "jaxbn.haiku": "haiku"}
-BENCH_ALIASES = {"jaxbn.benchmark", "jaxbn.collectives"}
 FRAMEWORKS = {"flax", "equinox", "haiku", "optax", "torch"}
 # Statistics and collectives a wrapper must take from the core instead of computing itself.
 MATHS = {("lax", "psum"), ("lax", "pmean"), ("lax", "all_gather"), ("lax", "psum_scatter"), ("lax", "rsqrt"),
@@ -73,8 +73,7 @@ def _top(module):
 
 
 def test_the_layers_cover_every_module():
-    bench = {m for m in MODULES if m == "jaxbn.bench" or m.startswith("jaxbn.bench.")}
-    layered = CORE | MODULE_CORE | set(WRAPPERS) | BENCH_ALIASES | bench
+    layered = CORE | MODULE_CORE | set(WRAPPERS)
     assert set(MODULES) - layered == set(), "add the new module to a layer here and in docs/architecture.md"
     assert CORE | MODULE_CORE | set(WRAPPERS) <= set(MODULES)
 
@@ -90,7 +89,7 @@ def test_core_knows_no_framework_and_nothing_above_it(name):
     imports = _imports(name)
     assert {m for m in imports if _top(m) in FRAMEWORKS} == set()
     # lazy `importlib.import_module` of a wrapper (jaxbn.linen on attribute access) is not an import at load
-    above = {m for m in imports if _top(m) == "jaxbn" and m not in CORE and not m.startswith("jaxbn.bench")}
+    above = {m for m in imports if _top(m) == "jaxbn" and m not in CORE}
     assert above == set(), f"{name} imports {sorted(above)} above the core"
 
 
@@ -123,11 +122,12 @@ def test_wrappers_do_not_reimplement_the_maths(name):
     assert calls & MATHS == set(), f"{name} computes {sorted(calls & MATHS)}; use jaxbn's core functions"
 
 
-def test_bench_is_outside_the_import_path():
+def test_benchmarks_are_outside_the_package():
+    """The benchmarks live in the repository's top-level `benchmarks/` (run from a clone), not in the wheel."""
+    assert not os.path.exists(os.path.join(PKG, "bench"))
+    assert os.path.isfile(os.path.join(ROOT, "benchmarks", "__main__.py"))
     for name in MODULES:
-        if name.startswith("jaxbn.bench") or name in BENCH_ALIASES:
-            continue
-        bench = {m for m in _imports(name) if m == "jaxbn.bench" or m.startswith("jaxbn.bench.")}
+        bench = {m for m in _imports(name) if _top(m) == "benchmarks"}
         assert bench == set(), f"{name} imports {sorted(bench)}"
 
 
@@ -152,7 +152,7 @@ def test_the_checker_catches_a_violation(tmp_path, monkeypatch):
 _PROBE = """
 import sys
 import {module}
-heavy = ("flax", "flax.linen", "flax.nnx", "equinox", "haiku", "jaxbn.bench", "optax")
+heavy = ("flax", "flax.linen", "flax.nnx", "equinox", "haiku", "benchmarks", "optax")
 print(sorted(m for m in heavy if m in sys.modules))
 """
 
@@ -160,9 +160,9 @@ print(sorted(m for m in heavy if m in sys.modules))
 @pytest.mark.parametrize(
     "module, absent",
     [
-        ("jaxbn", ["equinox", "flax", "flax.linen", "flax.nnx", "haiku", "jaxbn.bench", "optax"]),
-        ("jaxbn.linen", ["equinox", "haiku", "jaxbn.bench", "optax"]),
-        ("jaxbn.nnx", ["equinox", "haiku", "jaxbn.bench"]),  # flax.nnx itself imports optax
+        ("jaxbn", ["equinox", "flax", "flax.linen", "flax.nnx", "haiku", "benchmarks", "optax"]),
+        ("jaxbn.linen", ["equinox", "haiku", "benchmarks", "optax"]),
+        ("jaxbn.nnx", ["equinox", "haiku", "benchmarks"]),  # flax.nnx itself imports optax
     ],
 )
 def test_import_loads_no_other_framework(module, absent):

@@ -1,4 +1,4 @@
-"""jaxbn.bench.collectives: the collective budget of one sync-BN training step (counting: test_bench_hlo.py)."""
+"""benchmarks.collectives: the collective budget of one sync-BN training step (counting: test_bench_hlo.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxbn.bench import collectives as col
-from jaxbn.bench import hlo
+from benchmarks import collectives as col
+from benchmarks import hlo
 
 needs8 = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)"

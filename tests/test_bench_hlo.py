@@ -1,4 +1,4 @@
-"""jaxbn.bench.hlo: the HLO counters on hand-made HLO text and on tiny programs with a known answer."""
+"""benchmarks.hlo: the HLO counters on hand-made HLO text and on tiny programs with a known answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbn.bench import hlo
+from benchmarks import hlo
 
 needs8 = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)"
@@ -134,8 +134,3 @@ def test_three_dependent_psums_are_three_all_reduces():
     assert hlo.count_collectives(g, x)["all-reduce"] == 3
     assert hlo.analyze(jax.jit(g).lower(x).compile()).collectives["all-reduce"] == 3
 
-
-def test_old_module_path_still_counts():
-    from jaxbn import collectives
-
-    assert collectives.count_collectives is hlo.count_collectives

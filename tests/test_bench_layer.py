@@ -1,4 +1,4 @@
-"""The layer benchmark (`python -m jaxbn.bench layer`, alias `python -m jaxbn.benchmark`): structure only."""
+"""The layer benchmark (`python -m benchmarks layer`): structure only."""
 
 import json
 import math
@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from jaxbn.bench import grid, layers, plot, report
+from benchmarks import grid, layers, plot, report
 
 
 @pytest.fixture(scope="module")
 def saved():
     """The JSON report of a quick run (one tiny shape, both dtypes, every installed implementation), via the alias."""
-    cmd = [sys.executable, "-m", "jaxbn.benchmark", "--quick", "--shapes", "nhwc", "--json", "--no-progress"]
+    cmd = [sys.executable, "-m", "benchmarks", "layer", "--quick", "--shapes", "nhwc", "--json", "--no-progress"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout)
@@ -89,7 +89,7 @@ def test_table_and_plot(saved, tmp_path):
 
 
 def test_from_json_reprints(saved, tmp_path, capsys):
-    from jaxbn.bench.__main__ import main
+    from benchmarks.__main__ import main
 
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(saved))

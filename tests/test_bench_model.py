@@ -1,4 +1,4 @@
-"""The whole-model benchmark (`python -m jaxbn.bench model`): structure only, never timings."""
+"""The whole-model benchmark (`python -m benchmarks model`): structure only, never timings."""
 
 import json
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbn.bench import grid, model, plot, report, resnet
-from jaxbn.bench.__main__ import main
+from benchmarks import grid, model, plot, report, resnet
+from benchmarks.__main__ import main
 
 TINY = "resnet10:8:16:4"
 

@@ -46,3 +46,11 @@ def test_imported_from_the_installed_wheel():
     dist = importlib.metadata.distribution("jaxbn")
     assert dist.version == jaxbn.__version__, "the wheel's version is not jaxbn.__version__ (the single source)"
     assert not (dist.read_text("direct_url.json") or "").count('"editable": true'), "an editable install"
+
+
+@pytest.mark.skipif(not INSTALLED, reason="checks the built wheel; .ci/run sets JAXBN_EXPECT_INSTALLED=1")
+def test_the_wheel_holds_only_the_library():
+    """The benchmarks, tests, examples and docs stay in the repository: the wheel ships `jaxbn/` alone."""
+    files = importlib.metadata.distribution("jaxbn").files or []
+    tops = {f.parts[0] for f in files if not f.parts[0].endswith(".dist-info") and f.parts[0] != ".."}
+    assert tops == {"jaxbn"}, f"the wheel ships {sorted(tops)}"

@@ -5,7 +5,7 @@ forward + backward step under `jax.shard_map`), the collectives of jaxbn's
 strategies next to `flax.linen.BatchNorm`'s; `layer_collectives` does the
 same for every layer-benchmark implementation. The device count is fixed when
 JAX starts, so other counts run in a child Python (`in_subprocess`, with
-`cpu_devices_env`). The counting itself is `jaxbn.bench.hlo`.
+`cpu_devices_env`). The counting itself is `benchmarks.hlo`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbn.bench import hlo
-from jaxbn.bench.layers import IMPLEMENTATIONS, programs
+from benchmarks import hlo
+from benchmarks.layers import IMPLEMENTATIONS, programs
 
 #: A JSON value, as the child processes print them.
 JSON: TypeAlias = dict[str, object] | list[object]
@@ -43,12 +43,12 @@ def cpu_devices_env(devices: int) -> dict[str, str]:
 
 
 def in_subprocess(args: Sequence[str], devices: int, timeout: float = 600) -> JSON:
-    """Runs `python -m jaxbn.bench *args` with `devices` CPU devices; returns the JSON of its last stdout line.
+    """Runs `python -m benchmarks *args` with `devices` CPU devices; returns the JSON of its last stdout line.
 
     Raises:
       RuntimeError: the child failed (its stderr's tail is in the message).
     """
-    cmd = [sys.executable, "-m", "jaxbn.bench", *args]
+    cmd = [sys.executable, "-m", "benchmarks", *args]
     res = subprocess.run(
         cmd, env=cpu_devices_env(devices), capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -201,13 +201,13 @@ def format_table(rows: Sequence[dict[str, object]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Prints the sync-BN collective table at 8 and 64 simulated devices (``python -m jaxbn.bench collectives``).
+    """Prints the sync-BN collective table at 8 and 64 simulated devices (``python -m benchmarks collectives``).
 
     `--json` prints this process's rows as JSON instead (used per device count).
     """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m jaxbn.bench collectives", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks collectives", description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", default="8,64", help="comma-separated device counts (default 8,64)")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated implementations")
     parser.add_argument("--json", action="store_true", help="rows for this process's devices, as JSON")

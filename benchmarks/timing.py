@@ -47,7 +47,7 @@ class _NoProgress:
         pass
 
 
-def progress(total: int, enabled: bool, desc: str = "jaxbn.bench") -> Progress:
+def progress(total: int, enabled: bool, desc: str = "benchmarks") -> Progress:
     """A tqdm bar on stderr when `enabled` and tqdm is installed, else a silent stand-in."""
     if enabled:
         try:

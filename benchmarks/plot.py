@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxbn.bench.layers import MODE_TITLES
-from jaxbn.bench.report import Report
+from benchmarks.layers import MODE_TITLES
+from benchmarks.report import Report
 
 
 def _figure(panels: int, groups: int) -> tuple[object, np.ndarray]:

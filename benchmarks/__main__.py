@@ -1,11 +1,11 @@
-"""Command line: ``python -m jaxbn.bench [layer|model|collectives] [options]`` (``--help`` on each).
+"""Command line: ``python -m benchmarks [layer|model|collectives] [options]`` (``--help`` on each).
 
 * ``layer`` (the default when no part is named): one batch-norm layer of each
-  library, timed side by side (`jaxbn.bench.layer`);
+  library, timed side by side (`benchmarks.layer`);
 * ``model``: a ResNet training step with each batch norm swapped in, and BN's
-  in-context cost (`jaxbn.bench.model`);
+  in-context cost (`benchmarks.model`);
 * ``collectives``: the collectives of one synchronized batch-norm step at 8 and
-  64 simulated devices (`jaxbn.bench.collectives`).
+  64 simulated devices (`benchmarks.collectives`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from jaxbn.bench import grid
+from benchmarks import grid
 
 PARTS = ("layer", "model", "collectives")
 
@@ -48,9 +48,9 @@ def _load(path: str) -> dict[str, Any]:
         return json.load(f)  # type: ignore[no-any-return]
 
 
-def layer_main(argv: Sequence[str], prog: str = "python -m jaxbn.bench layer") -> dict[str, Any] | None:
-    """``python -m jaxbn.bench layer``: the layer benchmark."""
-    from jaxbn.bench import layers, plot, report
+def layer_main(argv: Sequence[str], prog: str = "python -m benchmarks layer") -> dict[str, Any] | None:
+    """``python -m benchmarks layer``: the layer benchmark."""
+    from benchmarks import layers, plot, report
 
     p = argparse.ArgumentParser(prog=prog, description="Time one batch-norm layer of each library side by side.")
     _common(p, tuple(layers.IMPLEMENTATIONS), "default 10; --quick 2")
@@ -67,7 +67,7 @@ def layer_main(argv: Sequence[str], prog: str = "python -m jaxbn.bench layer") -
         return report.markdown_layer(rep) if markdown else report.format_layer(rep)
 
     if opts.collectives_only:
-        from jaxbn.bench.collectives import layer_collectives_here
+        from benchmarks.collectives import layer_collectives_here
 
         print(json.dumps(layer_collectives_here(layers.available(names)[0])))
         return None
@@ -76,7 +76,7 @@ def layer_main(argv: Sequence[str], prog: str = "python -m jaxbn.bench layer") -
         print(text(saved, opts.markdown))
         return saved
     modes = _pick(p, opts.modes, layers.MODES, "mode(s)")
-    from jaxbn.bench import layer
+    from benchmarks import layer
 
     rep = layer.run(
         grid.parse_cases(opts.shapes, opts.quick),
@@ -103,11 +103,11 @@ def _pick(p: argparse.ArgumentParser, raw: str, known: Collection[str], what: st
 
 
 def model_main(argv: Sequence[str]) -> dict[str, Any] | None:
-    """``python -m jaxbn.bench model``: the whole-model benchmark."""
-    from jaxbn.bench import model, plot, report
+    """``python -m benchmarks model``: the whole-model benchmark."""
+    from benchmarks import model, plot, report
 
     p = argparse.ArgumentParser(
-        prog="python -m jaxbn.bench model",
+        prog="python -m benchmarks model",
         description="Time a ResNet training step with each batch norm swapped in; BN's in-context cost from the HLO.",
     )
     _common(p, model.IMPLS, "default 9; --quick 2")
@@ -136,7 +136,7 @@ def model_main(argv: Sequence[str]) -> dict[str, Any] | None:
     impls = [i for i in opts.impls.split(",") if i]
     reps = opts.reps if opts.reps is not None else (2 if opts.quick else 9)
     if opts.rows_only:
-        from jaxbn.bench.timing import progress
+        from benchmarks.timing import progress
 
         print(json.dumps(model.run_here(cases, placements, dtypes, impls, reps, opts.warmup, progress(0, False))))
         return None
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if part == "model":
         return model_main(rest)
     if part == "collectives":
-        from jaxbn.bench.collectives import main as collectives_main
+        from benchmarks.collectives import main as collectives_main
 
         collectives_main(rest)
         return None

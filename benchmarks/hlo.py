@@ -1,4 +1,4 @@
-"""What a compiled program costs, read off XLA's optimized HLO: the one HLO analysis of jaxbn.bench.
+"""What a compiled program costs, read off XLA's optimized HLO: the one HLO analysis of benchmarks.
 
 Every figure here is deterministic (the same program compiles to the same
 HLO), unlike wall time:

@@ -1,4 +1,4 @@
-"""jaxbn's benchmarks and HLO analysis: ``python -m jaxbn.bench [layer|model|collectives]``.
+"""jaxbn's benchmarks and HLO analysis: ``python -m benchmarks [layer|model|collectives]``.
 
 Not imported by ``import jaxbn``. Modules, one job each:
 

@@ -17,8 +17,8 @@ from typing import Any, TypeAlias
 
 import jax
 
-from jaxbn.bench.hlo import KINDS
-from jaxbn.bench.layers import MODE_TITLES
+from benchmarks.hlo import KINDS
+from benchmarks.layers import MODE_TITLES
 
 #: A report as `--json` prints it (nested dicts and lists of JSON values).
 Report: TypeAlias = Mapping[str, Any]
@@ -91,7 +91,7 @@ def format_layer(report: Report) -> str:
     names = report["implementations"]
     index, cases, labels = _layer_index(report)
     cfg, summary = report["config"], report["summary"]
-    out = ["jaxbn.bench layer", *_header(report)]
+    out = ["benchmarks layer", *_header(report)]
     out.append(
         f"median of {cfg['reps']} interleaved reps after {cfg['warmup']} warm-up; "
         "cell = ms (speedup vs flax = flax ms / ms, > 1 is faster) limit%; 'best anchor' = fastest non-jaxbn ms / "
@@ -255,7 +255,7 @@ def format_model(report: Report, markdown: bool = False) -> str:
         out += ["| " + " | ".join(row) + " |" for row in rows]
     else:
         widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)] if rows else []
-        out = ["jaxbn.bench model", *_header(report)]
+        out = ["benchmarks model", *_header(report)]
         out.append(
             f"median of {report['config']['reps']} interleaved reps; vs flax = flax step ms / step ms (> 1 faster); "
             "BN = this step minus the identity (no BN) step"

@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxbn.bench import hlo, report, timing
-from jaxbn.bench.collectives import layer_collectives
-from jaxbn.bench.grid import Case
-from jaxbn.bench.layers import ANCHORS, IMPLEMENTATIONS, MODES, PASSES, REFERENCE, available, programs, residual_bytes
+from benchmarks import hlo, report, timing
+from benchmarks.collectives import layer_collectives
+from benchmarks.grid import Case
+from benchmarks.layers import ANCHORS, IMPLEMENTATIONS, MODES, PASSES, REFERENCE, available, programs, residual_bytes
 
 Row = dict[str, object]
 
@@ -206,7 +206,7 @@ def run(
       with_collectives: also count the collectives of a synchronized step.
       argv: the command line, recorded in the report.
     """
-    meta = report.metadata("python -m jaxbn.bench layer", argv)
+    meta = report.metadata("python -m benchmarks layer", argv)
     names, skipped = available(names)
     total = len(cases) * len(dtypes) * (len(names) * len(modes) * (reps + warmup) + reps)
     bar = timing.progress(total, progress)

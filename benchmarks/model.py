@@ -31,10 +31,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbn.bench import hlo, report, timing
-from jaxbn.bench.collectives import in_subprocess
-from jaxbn.bench.grid import PLACEMENTS, ModelCase
-from jaxbn.bench.resnet import NORMS, resnet
+from benchmarks import hlo, report, timing
+from benchmarks.collectives import in_subprocess
+from benchmarks.grid import PLACEMENTS, ModelCase
+from benchmarks.resnet import NORMS, resnet
 
 #: A pytree of arrays (parameters, optimizer state).
 PyTree: TypeAlias = Any
@@ -265,7 +265,7 @@ def run(
     if bad:
         raise ValueError(f"unknown implementation(s) {bad}; choose from {', '.join(NORMS)}")
     impls = list(dict.fromkeys([*impls, "identity"]))
-    meta = report.metadata("python -m jaxbn.bench model", argv)
+    meta = report.metadata("python -m benchmarks model", argv)
     here = [p for p in placements if p == "1dev" or jax.device_count() >= DEVICES]
     away = [p for p in placements if p not in here]
     bar = timing.progress(len(cases) * len(placements) * len(dtypes) * len(impls) * (reps + warmup), progress)
