@@ -154,4 +154,4 @@ def forward(
     y, new = _train(ghosts.split(x), ghosts.tile_stats(stats), ghosts.tile(scale), ghosts.tile(bias),
                     axes=ghosts.axes, mask=ghosts.split_mask(checked_mask), axis_name=axis_name, renorm=clips,
                     options=options)
-    return ghosts.merge(y, new)
+    return ghosts.merge(y, new, stats)

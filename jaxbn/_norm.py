@@ -24,12 +24,12 @@ from jaxbn._checks import (
     check_mask,
     check_momentum,
     check_renorm_clips,
-    check_stats_tuple,
     check_trainable,
+    check_training,
 )
 from jaxbn._kernel import Reduction, affine, train_affine
 from jaxbn._layout import Layout
-from jaxbn._running import Moments, RunningStats, stats_dtype, update_stats
+from jaxbn._running import Moments, RunningStats, check_stats_type, stats_dtype, update_stats
 from jaxbn._stats import Strategy, moments_keepdims
 
 
@@ -106,7 +106,8 @@ class _Prepared:
         fshape = lay.feature_shape
         if stats is None:  # normalize_batch: no running statistics involved
             stats = RunningStats(jnp.zeros(fshape), jnp.ones(fshape), jnp.zeros((), jnp.int32))
-        mean, var, count = check_stats_tuple(stats)
+        check_stats_type(stats)
+        mean, var, count = stats
         hint = f"; build stats with jaxbn.init_stats({fshape if len(fshape) > 1 else fshape[0]})"
         mean_, var_ = lay.check(mean, "stats.mean", hint), lay.check(var, "stats.var", hint)
         assert mean_ is not None and var_ is not None
@@ -214,6 +215,7 @@ def batch_norm(
     >>> y.round(2).tolist(), stats.mean.round(2).tolist()
     ([[-1.0, -1.0], [1.0, 1.0]], [0.2, 0.4])
     """
+    check_training(training)
     call = _Prepared(x, stats, scale, bias, axis, momentum, epsilon, mask)
     out_dtype = _out_dtype(call.x, dtype)
     if not training:
@@ -293,6 +295,7 @@ def batch_renorm(
     >>> y.round(2).tolist()
     [[-1.0], [1.0]]
     """
+    check_training(training)
     call = _Prepared(x, stats, scale, bias, axis, momentum, epsilon, mask)
     if jnp.iscomplexobj(call.x):
         raise TypeError(f"batch_renorm takes real inputs, got x of dtype {call.x.dtype}; use batch_norm for complex x")

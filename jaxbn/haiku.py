@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbn._dtypes import as_float, promote
+from jaxbn._dtypes import promote
 from jaxbn._norm import normalize, normalize_batch
-from jaxbn._running import contributes, stats_dtype
+from jaxbn._running import contributes, narrow_float, stats_dtype, warn_narrow_state
 from jaxbn._stats import moments
 
 __all__ = ["BatchNorm"]
@@ -65,14 +65,35 @@ class _GuardedEMA(hk.ExponentialMovingAverage):
         hidden = d * hidden + (1 - d) * value
         average = hidden / (1 - d ** counter)
 
-    Entries where `valid` is False keep their `hidden` and `average`; the
-    counter (one scalar) goes up only when at least one entry is valid, so
-    an entirely skipped batch changes nothing. The update is computed in the
-    dtype of `value` (float32 or wider) and stored in the dtype of the state
-    it was given. As in haiku, `average` is created by the first update (so
-    the state `init` returns holds the first batch's statistics); an entry
-    not valid then starts at `empty` (0 for the mean, 1 for the variance:
-    inference before any valid batch is then the identity).
+    which is exactly haiku's for every entry that is valid in every update.
+    haiku keeps one scalar `counter` per EMA, so an entry that is skipped
+    (`valid` False: masked out or not finite) while others update cannot
+    have a debias of its own. What the state allows is kept exact:
+
+    * a skipped entry keeps its `average` exactly (inference reads only
+      `average`), and its `hidden` is set to ``average * (1 - d ** counter)``
+      so that haiku's invariant ``average = hidden / (1 - d ** counter)``
+      still holds (haiku itself can go on training from the checkpoint);
+    * an entry skipped before its first valid batch takes that batch's
+      value exactly when it comes (as haiku's first update does): its
+      `hidden` holds ``-0.0`` until then, a sign bit that haiku's own
+      update never produces from its zero start;
+    * afterwards, the entry is the debiased EMA of the sequence in which each
+      skipped step holds the entry's running average at that step (and
+      steps before its first valid batch hold that batch). What it cannot
+      be is the debiased EMA of the entry's valid batches alone: that needs
+      a counter per entry, which haiku's layout does not have. After ``s``
+      skips in ``k`` updates, the next batch weighs ``(1 - d) / (1 - d ** (k + 1))``
+      instead of ``(1 - d) / (1 - d ** (k + 1 - s))``.
+
+    The counter (one scalar) goes up only when at least one entry is valid,
+    so an entirely skipped batch changes nothing. The update is computed in
+    the dtype of `value` (float32 or wider) and stored in the dtype of the
+    state it was given (a bfloat16/float16 state warns: it stops moving).
+    As in haiku, `average` is created by the first update (so the state
+    `init` returns holds the first batch's statistics); an entry not valid
+    then starts at `empty` (0 for the mean, 1 for the variance: inference
+    before any valid batch is then the identity).
     """
 
     def __init__(self, decay: float, *, empty: float, name: str | None = None):
@@ -87,19 +108,29 @@ class _GuardedEMA(hk.ExponentialMovingAverage):
             valid = jnp.ones(value.shape, jnp.bool_)
         counter = hk.get_state("counter", (), jnp.int32, init=jnp.zeros)
         hidden = hk.get_state("hidden", value.shape, value.dtype, init=jnp.zeros)
+        if narrow_float(hidden.dtype):
+            warn_narrow_state(hidden.dtype, self.decay, "jaxbn.haiku.BatchNorm")
         counter_new = counter + jnp.any(valid).astype(counter.dtype)
         decay = lax.convert_element_type(self.decay, value.real.dtype)
         one = jnp.ones((), decay.dtype)
-        hidden_new = hidden.astype(value.dtype) * decay + value * (one - decay)
         debias = jnp.where(counter_new > 0, one - lax.pow(decay, counter_new), one)
-        average_new = hidden_new / debias
+        old_hidden = hidden.astype(value.dtype)
+        # Skipped before any valid batch: a skip marked hidden with -0.0 (with counter 0, haiku's rule is exact).
+        marked = (old_hidden == 0) & jnp.signbit(old_hidden.real)
+        fresh = (counter == 0) | marked
+        hidden_new = jnp.where(marked, value * debias, old_hidden * decay + value * (one - decay))
+        average_new = jnp.where(marked, value, hidden_new / debias)
 
         def first_average(shape: Sequence[int], dtype: jax.typing.DTypeLike) -> jax.Array:
             return jnp.where(valid, average_new, jnp.full(shape, self.empty, value.dtype)).astype(dtype)
 
         average = hk.get_state("average", value.shape, value.dtype, init=first_average)
-        hidden_new = jnp.where(valid, hidden_new, hidden.astype(value.dtype)).astype(hidden.dtype)
-        average_new = jnp.where(valid, average_new, average.astype(value.dtype)).astype(average.dtype)
+        old_average = average.astype(value.dtype)
+        # Skipped: average unchanged, hidden re-debiased to the new counter (-0.0 while still fresh).
+        kept_hidden = jnp.where(fresh, -jnp.zeros_like(old_hidden), old_average * debias)
+        kept_hidden = jnp.where(counter_new == counter, old_hidden, kept_hidden)  # nothing valid: a no-op
+        hidden_new = jnp.where(valid, hidden_new, kept_hidden).astype(hidden.dtype)
+        average_new = jnp.where(valid, average_new, old_average).astype(average.dtype)
         if update_stats:
             hk.set_state("counter", counter_new)
             hk.set_state("hidden", hidden_new)
@@ -224,7 +255,9 @@ class BatchNorm(hk.Module):
         x = jnp.asarray(inputs)
         reduced = self._reduced_axes(x.ndim)
         w_shape = tuple(1 if i in reduced else d for i, d in enumerate(x.shape))
-        x_float = as_float(x)  # integers promoted as haiku's jnp.mean promotes them
+        # Integers and bools are promoted as haiku's jnp.mean promotes them: to the default float
+        # (float64 under jax x64, so int64 input gives float64 output and statistics, as in haiku).
+        x_float = x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.result_type(float))
         sdt = stats_dtype(x_float.dtype)
         # The core wants >= 1 feature axis: with every axis reduced (or a
         # scalar input), a trailing feature axis of size 1 is added.

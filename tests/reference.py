@@ -52,7 +52,7 @@ def contributes(mean, var, n):
 
 
 def update(old_mean, old_var, count, mean, var, n, momentum=0.99, unbiased=False):
-    """One running-stat update, written from the definition (API.md v2).
+    """One running-stat update, written from the definition, float64.
 
     EMA: new = momentum * old + (1 - momentum) * batch; momentum=None:
     new = old + (batch - old) / (count + 1). Features that do not contribute
@@ -63,9 +63,9 @@ def update(old_mean, old_var, count, mean, var, n, momentum=0.99, unbiased=False
     ok = contributes(mean, var, n)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         bvar = np.where(n > 1, var * n / np.maximum(n - 1, 1), var) if unbiased else var
-        if momentum is None:
-            new_mean = old_mean + (mean - old_mean) / (count + 1)
-            new_var = old_var + (bvar - old_var) / (count + 1)
+        if momentum is None:  # old + (batch - old) / (count + 1), written without its cancellation
+            new_mean = (count * old_mean + mean) / (count + 1)
+            new_var = (count * old_var + bvar) / (count + 1)
         else:
             new_mean = momentum * old_mean + (1 - momentum) * mean
             new_var = momentum * old_var + (1 - momentum) * bvar
