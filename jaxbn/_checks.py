@@ -189,15 +189,17 @@ def check_epsilon(epsilon: object) -> None:
 
     >>> check_epsilon(float("inf"))
     Traceback (most recent call last):
-    ValueError: epsilon must be > 0 and finite, got inf
+    ValueError: epsilon must be > 0 and finite, got inf: every output would be 0
     """
     if isinstance(epsilon, jax.core.Tracer):
         return
     if isinstance(epsilon, bool | str) or not isinstance(epsilon, numbers.Real | np.ndarray | jax.Array):
-        raise TypeError(f"epsilon must be > 0 and finite, got {epsilon!r}")
+        raise TypeError(f"epsilon must be a number > 0, got {epsilon!r}")
     value = float(epsilon)  # type: ignore[arg-type]
-    if not (value > 0.0 and math.isfinite(value)):
-        raise ValueError(f"epsilon must be > 0 and finite, got {epsilon!r}")
+    if not value > 0.0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"epsilon must be > 0 and finite, got {epsilon!r}: every output would be 0")
 
 
 def axis_size(axis_name: AxisName, axis_index_groups: AxisIndexGroups = None) -> int:

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn.equinox
 from tests import reference as ref
+from tests.conftest import require_devices
 from tests.reference import bernoulli, normal
 
 BatchNorm = jaxbn.equinox.BatchNorm
@@ -394,8 +395,7 @@ def test_fully_masked_batch_is_a_no_op():
 
 
 def _mesh():
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (fake) devices: run under the repository's conftest.py")
+    require_devices(8)  # fewer devices: a failure that says how to get them, never a skip
     return jax.make_mesh((8,), ("data",))
 
 
