@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 from flax import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxbn.linen
 from tests import reference as ref
@@ -471,6 +473,39 @@ def test_ghost_batches_padded_tail_equals_batch_without_it(momentum):
     mean, var, _ = ref.ghost_stats(dirty, 4, momentum=momentum)
     np.testing.assert_allclose(upd["batch_stats"]["mean"], mean, **F32)
     np.testing.assert_allclose(upd["batch_stats"]["var"], var, **F32)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    size=st.sampled_from([3, 4]),
+    padded=st.lists(st.booleans(), min_size=4, max_size=4),
+    p_valid=st.sampled_from([0.3, 0.7, 1.0]),
+    momentum=st.sampled_from([0.5, 0.9, None]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_ghost_batches_with_padded_groups_match_definition(size, padded, p_valid, momentum, seed):
+    """12 rows in ghost batches of 3 or 4, whole groups padded (masked) at random, the rest partly masked:
+    the running stats are the update with the mean of the contributing groups' moments (float64)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(12, 3)) * rng.uniform(0.1, 10) + rng.normal() * 5).astype(np.float32)
+    mask = rng.random((12, 3)) < p_valid
+    for g, pad in enumerate(padded[: 12 // size]):
+        if pad:
+            mask[g * size:(g + 1) * size] = False
+    old_mean, old_var = rng.normal(size=3), rng.uniform(0.5, 2.0, 3)
+    mod = BN(use_running_average=False, virtual_batch_size=size, momentum=momentum)
+    v = mod.init(jax.random.key(0), x)
+    count = np.array(2, np.int32)
+    stats = {"mean": jnp.asarray(old_mean, jnp.float32), "var": jnp.asarray(old_var, jnp.float32)}
+    if momentum is None:
+        stats["count"] = jnp.asarray(count)
+    _, upd = mod.apply({**v, "batch_stats": stats}, x, mask=mask, mutable=["batch_stats"])
+    want_mean, want_var, want_count = ref.ghost_stats(x, size, mask, np.asarray(stats["mean"], np.float64),
+                                                      np.asarray(stats["var"], np.float64), 2, momentum)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], want_mean, rtol=2e-5, atol=2e-5 * np.abs(x).max())
+    np.testing.assert_allclose(upd["batch_stats"]["var"], want_var, rtol=2e-5, atol=1e-6)
+    if momentum is None:
+        assert int(upd["batch_stats"]["count"]) == want_count
 
 
 # ---------------------------------------------------------------- bad batches (issue 11)
