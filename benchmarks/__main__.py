@@ -1,11 +1,15 @@
-"""Command line: ``python -m benchmarks [layer|model|collectives] [options]`` (``--help`` on each).
+"""Command line: ``python -m benchmarks [layer|model|collectives|figures|render] [options]`` (``--help`` on each).
 
 * ``layer`` (the default when no part is named): one batch-norm layer of each
   library, timed side by side (`benchmarks.layer`);
 * ``model``: a ResNet training step with each batch norm swapped in, and BN's
   in-context cost (`benchmarks.model`);
 * ``collectives``: the collectives of one synchronized batch-norm step at 8 and
-  64 simulated devices (`benchmarks.collectives`).
+  64 simulated devices (`benchmarks.collectives`);
+* ``figures``: every figure README.md and docs/benchmark.md quote, measured
+  into one JSON file (`benchmarks.figures`);
+* ``render``: README.md's and docs/benchmark.md's tables written from that
+  JSON (`benchmarks.render`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 from benchmarks import grid
 
-PARTS = ("layer", "model", "collectives")
+PARTS = ("layer", "model", "collectives", "figures", "render")
 
 
 def _common(p: argparse.ArgumentParser, impls: Sequence[str], default_reps: str) -> None:
@@ -152,6 +156,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     rest = args[1:] if args and args[0] in PARTS else args
     if part == "model":
         return model_main(rest)
+    if part == "figures":
+        from benchmarks.figures import main as figures_main
+
+        return figures_main(rest)
+    if part == "render":
+        from benchmarks.render import main as render_main
+
+        render_main(rest)
+        return None
     if part == "collectives":
         from benchmarks.collectives import main as collectives_main
 
