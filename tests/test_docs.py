@@ -224,3 +224,14 @@ def test_cited_paths_and_links_exist(path):
 def test_cited_path_finder_finds_what_it_must():
     links, spans = cited("README.md")
     assert "docs/quickstart.md" in links and "examples/demo.py" in spans
+
+
+@pytest.mark.parametrize("modname, name", [p.values for p in public_names()])
+def test_arguments_are_documented_one_by_one(modname, name):
+    """A Google "a, b: ..." entry hides `a` and `b` from the API page's table (both then show as required)."""
+    obj = getattr(importlib.import_module(modname), name)
+    if not inspect.isfunction(obj):
+        return
+    args = re.search(r"^\s*Args:\n(.*?)(?:^\s*\w+:\n|\Z)", inspect.getdoc(obj) or "", flags=re.S | re.M)
+    grouped = re.findall(r"^\s+(\w+(?:, \w+)+):", args.group(1), flags=re.M) if args else []
+    assert not grouped, f"{modname}.{name} documents {grouped} together: give each argument its own entry"
