@@ -216,8 +216,25 @@ def block_meta(fig: Figures) -> str:
 
 
 def block_layer(fig: Figures) -> str:
-    """The layer benchmark's tables."""
-    return report.markdown_layer(_part(fig, "layer"))
+    """The layer benchmark: geometric means of every mode, then the `train+grad` tables in full."""
+    rep = _part(fig, "layer")
+    names = rep["implementations"]
+    out = [
+        f"Geometric mean speedup vs flax over the grid (25-75% range of the per-round geomeans, "
+        f"{rep['config']['reps']} interleaved rounds):",
+        "",
+        "| mode | dtype | " + " | ".join(names) + " |",
+        "|---|---|" + "---:|" * len(names),
+    ]
+    for mode in rep["config"]["modes"]:
+        for dt in [*rep["config"]["dtypes"], "all"]:
+            cells = []
+            for n in names:
+                g = report.geomean_spread(rep, mode, dt, n)
+                cells.append("-" if g is None else f"{g[0]:.2f}x ({g[1]:.2f}-{g[2]:.2f})")
+            out.append(f"| {mode} | {dt} | " + " | ".join(cells) + " |")
+    grad = {**rep, "results": [r for r in rep["results"] if r["mode"] == "train+grad"], "collectives": None}
+    return "\n".join(out) + "\n\n" + report.markdown_layer(grad)
 
 
 def block_model(fig: Figures) -> str:

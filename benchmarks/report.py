@@ -242,6 +242,11 @@ def markdown_layer(report: Report) -> str:
 _MIB = 2**20
 
 
+def _positive(v: float | None) -> float | None:
+    """`v` if it is a positive ratio, else None (BN's temp bytes, a difference of two steps', can be <= 0)."""
+    return v if v is not None and v > 0 else None
+
+
 def _model_groups(report: Report) -> list[tuple[str, str, str]]:
     return list(dict.fromkeys((r["model"], r["placement"], r["dtype"]) for r in report["results"]))
 
@@ -269,7 +274,7 @@ def format_model(report: Report, markdown: bool = False, targets: bool = True) -
             "-" if bn is None else f"{bn['ms']:.1f}",
             "-" if bn is None else f"{bn['bytes_accessed'] / _MIB:.1f} ({_x(bn['bytes_vs_flax'])})",
             "-" if bn is None else f"{bn['kernels']} ({_x(bn['kernels_vs_flax'])})",
-            "-" if bn is None else f"{bn['temp_bytes'] / _MIB:.2f} ({_x(bn['temp_vs_flax'])})",
+            "-" if bn is None else f"{bn['temp_bytes'] / _MIB:.2f} ({_x(_positive(bn['temp_vs_flax']))})",
             str(sum(r["collectives"].values())),
         ])  # fmt: skip
     if markdown:
