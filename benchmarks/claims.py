@@ -130,7 +130,7 @@ def _haiku(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     t = hk.transform_with_state(fn)
     params, state = t.init(None, x)
     y, state = t.apply(params, state, None, x)
-    return y, state["batch_norm/~/var_ema"]["average"]
+    return y, state["batch_norm/~/var_ema"]["average"]  # type: ignore[index]
 
 
 def _equinox(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -139,7 +139,7 @@ def _equinox(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(x.shape[1], "b", mode="batch", momentum=0.0, eps=EPS)
     y, state = jax.vmap(bn, axis_name="b", in_axes=(0, None), out_axes=(0, None))(x, state)
-    return y, state.get(bn.batch_state_index)[1]
+    return y, state.get(bn.batch_state_index)[1]  # type: ignore[arg-type]
 
 
 def batch_mode_ema(seed: int = 0) -> dict[str, Any]:

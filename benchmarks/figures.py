@@ -40,7 +40,7 @@ FIGURES_JSON = os.path.join("docs", "figures.json")
 #: The parts, in the order they run.
 PARTS = ("claims", "collectives", "layer", "model")
 #: Timed repetitions of the full run (``--quick``: 2), sized for about 15 minutes on 2 quiet CPU cores.
-LAYER_REPS, MODEL_REPS = 7, 7
+LAYER_REPS, MODEL_REPS = 5, 7
 #: The whole-model configuration the README quotes (and ``--quick``'s).
 MODEL_CASE, QUICK_MODEL_CASE = grid.MODEL_GRID[0], grid.QUICK_MODEL_GRID[0]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
