@@ -107,3 +107,11 @@ def test_options_hashable_with_lists():
     b = Options(axis=(1, 2), axis_name=("data", "batch"), axis_index_groups=((0, 1), (2, 3)))
     assert a == b and hash(a) == hash(b)
     assert a.axis == (1, 2) and a.axis_name == ("data", "batch")
+
+
+@pytest.mark.parametrize("name", ["linen", "nnx", "equinox", "haiku", "interop"])
+def test_every_wrapper_is_a_lazy_attribute_named_in_the_docstring(name):
+    import jaxbn
+
+    assert getattr(jaxbn, name) is sys.modules[f"jaxbn.{name}"]
+    assert f"`jaxbn.{name}`" in jaxbn.__doc__
