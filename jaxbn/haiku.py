@@ -38,23 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbn._checks import check_broadcast, check_mask
 from jaxbn._dtypes import as_float, promote
 from jaxbn._norm import normalize, normalize_batch
 from jaxbn._running import contributes, stats_dtype
 from jaxbn._stats import moments
 
 __all__ = ["BatchNorm"]
-
-
-def _broadcastable(value: jax.typing.ArrayLike, name: str, shape: tuple[int, ...]) -> jax.Array:
-    """`value` reshaped to the rank of `shape` (numpy's broadcasting rule, spelled out for rank "raise")."""
-    value = jnp.asarray(value)
-    ok = value.ndim <= len(shape) and all(
-        v in (1, s) for v, s in zip(value.shape[::-1], shape[::-1], strict=False)
-    )
-    if not ok:
-        raise ValueError(f"{name} of shape {value.shape} does not broadcast to inputs of shape {shape}")
-    return value.reshape((1,) * (len(shape) - value.ndim) + value.shape)
 
 
 class _GuardedEMA(hk.ExponentialMovingAverage):
@@ -222,6 +212,7 @@ class BatchNorm(hk.Module):
         if self.create_offset and offset is not None:
             raise ValueError("Cannot pass `offset` at call time if `create_offset=True`.")
         x = jnp.asarray(inputs)
+        mask = check_mask(mask, x.shape, target="inputs")
         reduced = self._reduced_axes(x.ndim)
         w_shape = tuple(1 if i in reduced else d for i, d in enumerate(x.shape))
         x_float = as_float(x)  # integers promoted as haiku's jnp.mean promotes them
@@ -232,7 +223,7 @@ class BatchNorm(hk.Module):
         xs = x_float  # the core computes in >= float32 itself: no full-size float32 copy of a bf16 x
         if not feat:
             xs, feat = xs[..., None], (x.ndim,)
-            mask = None if mask is None else jnp.asarray(mask)[..., None]
+            mask = None if mask is None else mask[..., None]
         fshape = tuple(xs.shape[a] for a in feat)
 
         if self.create_scale:
@@ -273,7 +264,7 @@ class BatchNorm(hk.Module):
         y = y.reshape(x.shape)
         if not fused:
             if scale is not None:
-                y = y * _broadcastable(scale, "scale", x.shape).astype(y.dtype)
+                y = y * check_broadcast(scale, "scale", x.shape, target="inputs").astype(y.dtype)
             if offset is not None:
-                y = y + _broadcastable(offset, "offset", x.shape).astype(y.dtype)
+                y = y + check_broadcast(offset, "offset", x.shape, target="inputs").astype(y.dtype)
         return y.astype(out_dtype)

@@ -21,10 +21,10 @@ from flax.typing import Initializer, VariableDict
 from jax.nn import initializers
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn._checks import AxisIndexGroups, AxisName
+from jaxbn._checks import AxisIndexGroups, AxisName, check_mask
 from jaxbn._dtypes import as_float
 from jaxbn._layout import Layout
-from jaxbn._module_core import check_options, forward
+from jaxbn._module_core import Options, forward
 from jaxbn._recompute import PRECISE_COLLECTION, BatchMoments, batch_moments, population_stats
 from jaxbn._running import RunningStats
 
@@ -146,7 +146,12 @@ class BatchNorm(nn.Module):
                 "use_running_average", self.use_running_average, use_running_average
             )
         training = collecting or not use_running_average
-        check_options(momentum=self.momentum, virtual_batch_size=self.virtual_batch_size)
+        options = Options(
+            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, renorm=self.renorm,
+            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
+            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
+        )
         x = as_float(x)
         fshape = Layout.of(x.shape, self.axis).feature_shape
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
@@ -159,13 +164,9 @@ class BatchNorm(nn.Module):
 
         count = ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32)
         stats = RunningStats(ra_mean.value, ra_var.value, count)
-        y, new = forward(
-            x, stats, scale, bias, training=training, initializing=initializing, axis=self.axis,
-            momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype, renorm=self.renorm,
-            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
-        )
+        mask = check_mask(mask, x.shape)
+        y, new = forward(x, stats, scale, bias, options=options, training=training, initializing=initializing,
+                         mask=mask)
         if collecting:
             part = batch_moments(
                 x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups

@@ -20,9 +20,9 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Initializer
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn._checks import AxisIndexGroups, AxisName
+from jaxbn._checks import AxisIndexGroups, AxisName, check_mask
 from jaxbn._dtypes import as_float
-from jaxbn._module_core import check_options, forward
+from jaxbn._module_core import Options, forward
 from jaxbn._recompute import BatchMoments, batch_moments, population_stats
 from jaxbn._running import RunningStats
 
@@ -130,7 +130,6 @@ class BatchNorm(nnx.Module):
         virtual_batch_size: int | None = None,
         unbiased: bool = False,
     ):
-        check_options(momentum=momentum, virtual_batch_size=virtual_batch_size)
         feature_shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
@@ -167,6 +166,7 @@ class BatchNorm(nnx.Module):
         self.virtual_batch_size = virtual_batch_size
         self.unbiased = unbiased
         self.collect_moments = False
+        self._options()  # bad options fail here, when the layer is built
 
     def __call__(
         self, x: ArrayLike, use_running_average: bool | None = None, *, mask: ArrayLike | None = None
@@ -200,13 +200,9 @@ class BatchNorm(nnx.Module):
             promoted_scale = jnp.real(promoted_scale)  # a real scale promoted to complex (dtype=complex64) is real
         scale = promoted_scale
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
-        y, new = forward(
-            x_, RunningStats(raw_mean, raw_var, count), scale, bias, training=training, initializing=False,
-            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype, renorm=self.renorm,
-            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased, inference_stats=(mean, var),
-        )
+        mask = check_mask(mask, x_.shape)
+        y, new = forward(x_, RunningStats(raw_mean, raw_var, count), scale, bias, options=self._options(),
+                         training=training, mask=mask, inference_stats=(mean, var))
         if self.collect_moments:
             part = batch_moments(
                 x_, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
@@ -218,6 +214,15 @@ class BatchNorm(nnx.Module):
             if self.momentum is None:
                 self.count[...] = new.count
         return y
+
+    def _options(self) -> Options:
+        """The options from the attributes as they are now (a view or the user may have changed them)."""
+        return Options(
+            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, renorm=self.renorm,
+            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
+            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
+        )
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Class method used by ``nnx.view``.
