@@ -142,7 +142,8 @@ def row_residuals(fig: Figures) -> list[str]:
         r = res.get(name)
         return "—" if r is None else " / ".join(_num(r[d]) for d in ("float32", "bfloat16") if d in r)
 
-    return ["memory kept for the backward pass (× `x`'s bytes), float32 / bf16", f"**{cell('jaxbn')}**",
+    label = "memory kept for the backward pass (× `x`'s bytes; `jax.vjp`'s residuals, deterministic), float32 / bf16"
+    return [label, f"**{cell('jaxbn')}**",
             cell("flax"), cell("haiku"), cell("equinox")]  # fmt: skip
 
 
