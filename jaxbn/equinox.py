@@ -333,6 +333,12 @@ def freeze(model: eqx.Module) -> eqx.Module:
     `eqx.filter_grad` does not differentiate; to freeze the layers' `weight`
     and `bias` as well, leave them out of the filter you differentiate.
 
+    Args:
+      model: a pytree of equinox modules containing `jaxbn.equinox.BatchNorm` layers.
+
+    Returns:
+      A copy of `model` whose jaxbn BatchNorm layers have `inference=True`.
+
     >>> import equinox as eqx, jax.numpy as jnp, jaxbn.equinox
     >>> bn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(1, "batch", mode="batch")
     >>> y, same = jaxbn.equinox.freeze(bn)(jnp.array([3.0]), state)

@@ -248,6 +248,13 @@ def freeze(model: nnx.Module) -> nnx.Module:
     layers' `scale` and `bias` out of the differentiated filter (or out of
     the optimizer's `wrt`) to freeze them as well.
 
+    Args:
+      model: an NNX model containing `jaxbn.nnx.BatchNorm` layers.
+
+    Returns:
+      A view of `model` (`nnx.with_attributes`): call it, differentiate it,
+      optimize it; `model` is left in its own mode.
+
     >>> import jax.numpy as jnp, jaxbn.nnx
     >>> from flax import nnx
     >>> bn = jaxbn.nnx.BatchNorm(1, rngs=nnx.Rngs(0))
