@@ -123,10 +123,10 @@ def init_stats(feature_shape: int | Sequence[int], dtype: DTypeLike = jnp.float3
     >>> stats.mean.tolist(), stats.var.tolist(), int(stats.count)
     ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
     """
-    shape = (feature_shape,) if _is_int(feature_shape) else tuple(feature_shape)  # type: ignore[arg-type]
-    if any((not _is_int(d)) or d < 0 for d in shape):
+    dims: tuple[object, ...] = (feature_shape,) if _is_int(feature_shape) else tuple(feature_shape)  # type: ignore[arg-type]
+    if any((not _is_int(d)) or d < 0 for d in dims):  # type: ignore[operator]
         raise ValueError(f"feature_shape must be non-negative ints, got {feature_shape!r}")
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(int(d) for d in dims)  # type: ignore[call-overload]
     try:
         dt = np.dtype(dtype)
     except TypeError as e:

@@ -508,7 +508,7 @@ def test_ghost_batches_with_padded_groups_match_definition(size, padded, p_valid
         assert int(upd["batch_stats"]["count"]) == want_count
 
 
-# ---------------------------------------------------------------- bad batches (issue 11)
+# ---------------------------------------------------------------- bad batches (docs/contract.md)
 # References from the definition, float64: a feature whose batch has inf/NaN keeps its running stats, the others
 # take the EMA of their batch moments; masked-out NaN changes nothing; momentum=None across an all-masked batch is
 # the plain average of the batches that contributed.

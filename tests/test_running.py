@@ -80,7 +80,7 @@ def test_update_is_traced_once_per_shape():
     assert len(calls) == 1
 
 
-# --- Nothing poisons the running statistics ---------------------------------------------------------
+# --- Nothing poisons the running statistics (docs/contract.md, update_stats) --------------------------
 
 _update_jit = jax.jit(jaxbn.update_stats, static_argnames=("momentum", "unbiased"))
 
