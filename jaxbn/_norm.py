@@ -204,12 +204,14 @@ def batch_norm(
       stats: `RunningStats` of the feature shape (`init_stats`).
       scale: optional feature-shaped scale (None: no scaling).
       bias: optional feature-shaped offset (None: no offset).
-      training: use batch statistics and update `stats`.
+      training: use batch statistics and update `stats`; a Python bool
+        (``None`` is a TypeError, not inference).
       axis: feature axis or tuple of feature axes (NCHW: `axis=1`).
       momentum: EMA decay in [0, 1] (flax convention; PyTorch 0.1 == 0.9),
         or None for the cumulative average.
       epsilon: added to the variance, > 0.
-      axis_name: axis name(s) to synchronize the statistics across.
+      axis_name: axis name(s) to synchronize the statistics across: a name
+        or a tuple of names (a list is a TypeError: pass a tuple).
       axis_index_groups: `jax.lax.psum`'s groups (pmap only).
       mask: optional bool array broadcastable to `x`; False entries are left
         out of the statistics but still normalized.
@@ -220,7 +222,10 @@ def batch_norm(
     Returns:
       `(y, new_stats)`: y has x's shape. A feature whose batch moments are
       not finite (inf/NaN in the batch) keeps its running stats; an
-      entirely masked or non-finite batch leaves `stats` as they were.
+      entirely masked or non-finite batch leaves `stats` as they were. An
+      empty batch (N=0) is an entirely masked one: with `axis_name` an empty
+      shard contributes nothing; without, training on it is the ValueError
+      for fewer than two values per feature.
 
     The derivative is a closed form (`jaxbn._kernel`): two passes over the
     data in reverse mode and only `x` kept for the backward pass. Complex

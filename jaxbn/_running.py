@@ -201,7 +201,8 @@ def update_stats(
     will skip) keeps its old `mean` and `var`. `count` goes up by one only
     when at least one feature was updated, so an entirely masked or entirely
     non-finite batch is a no-op and `momentum=None` stays the exact average
-    of the batches that contributed. `count` is one scalar: a feature that
+    of the batches that contributed (the moments of an empty batch, N=0,
+    have count 0: it is a no-op too). `count` is one scalar: a feature that
     sits out a counted call keeps its value, and its next update still uses
     ``w = 1 / (count + 1)`` with the shared count (the rule above, applied
     call by call), which is not the plain average of that feature's own
