@@ -293,13 +293,16 @@ def check_renorm_clips(r_max: object, d_max: object) -> None:
 
 
 def check_training(training: object, name: str = "training") -> None:
-    """`training` must be a Python bool (or a numpy bool): None or a string is refused, not read as False.
+    """`training` must be a bool (Python, numpy, or a concrete 0-d bool array): None is refused, not read as False.
 
     >>> check_training(None)
     Traceback (most recent call last):
     TypeError: training must be True or False, got None; ...
     """
     if isinstance(training, bool | np.bool_):
+        return
+    concrete = isinstance(training, np.ndarray | jax.Array) and not isinstance(training, jax.core.Tracer)
+    if concrete and training.ndim == 0 and training.dtype == np.bool_:  # type: ignore[attr-defined]
         return
     if isinstance(training, jax.core.Tracer):
         raise TypeError(
