@@ -85,6 +85,7 @@ def test_value_errors(call, match):
         (lambda: _bn(training=None), r"training must be True or False, got None"),
         (lambda: _bn(training="yes"), r"training must be True or False, got 'yes'"),
         (lambda: jaxbn.batch_renorm(X, S, training=None), r"training must be True or False, got None"),
+        (lambda: jax.jit(lambda t: _bn(training=t))(True), r"training must be a Python bool, got a traced value"),
         (lambda: _bn(epsilon="1e-5"), r"epsilon must be a number > 0, got '1e-5'"),
     ],
 )
