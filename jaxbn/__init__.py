@@ -3,7 +3,7 @@
 Pure functions over an explicit `RunningStats` pytree, exact and stable
 cross-device statistics, and drop-in BatchNorm modules for Flax
 (`jaxbn.linen`, `jaxbn.nnx`), equinox (`jaxbn.equinox`) and haiku
-(`jaxbn.haiku`), and PyTorch state dicts and deployment helpers
+(`jaxbn.haiku`), and PyTorch state dicts and deployment utilities
 (`jaxbn.interop`).
 The submodules load lazily: `import jaxbn` imports no framework.
 """

@@ -89,7 +89,7 @@ def check_broadcast(
     """`value` as an array of the rank of `shape`; a ValueError unless it broadcasts to `shape`.
 
     numpy's broadcasting rule, spelled out (leading 1s added) so that
-    rank promotion "raise" sessions accept the result.
+    code run with rank promotion "raise" accepts the result.
 
     Args:
       value: the array to check (a mask, haiku's call-time `scale`, ...).

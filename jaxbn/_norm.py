@@ -48,8 +48,10 @@ def normalize(
 
     Args:
       x: input, shape (..., features, ...), float or complex.
-      mean, var: feature-shaped statistics.
-      scale, bias: optional feature-shaped affine parameters.
+      mean: feature-shaped mean.
+      var: feature-shaped variance.
+      scale: optional feature-shaped scale (None: no scaling).
+      bias: optional feature-shaped offset (None: no offset).
       axis: feature axis or tuple of feature axes.
       epsilon: added to `var`, > 0.
       dtype: output dtype (default: x's dtype). Arithmetic is done in at
@@ -199,7 +201,8 @@ def batch_norm(
     Args:
       x: input, shape (..., features, ...), float or complex.
       stats: `RunningStats` of the feature shape (`init_stats`).
-      scale, bias: optional feature-shaped affine parameters.
+      scale: optional feature-shaped scale (None: no scaling).
+      bias: optional feature-shaped offset (None: no offset).
       training: use batch statistics and update `stats`.
       axis: feature axis or tuple of feature axes (NCHW: `axis=1`).
       momentum: EMA decay in [0, 1] (flax convention; PyTorch 0.1 == 0.9),

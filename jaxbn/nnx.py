@@ -192,7 +192,7 @@ class BatchNorm(nnx.Module):
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         raw_mean, raw_var = self.mean[...], self.var[...]
-        with jax.numpy_dtype_promotion("standard"):  # flax's promotion rule, also in strict-promotion sessions
+        with jax.numpy_dtype_promotion("standard"):  # flax's promotion rule, also under strict promotion
             promoted = self.promote_dtype((as_float(x), raw_mean, raw_var, scale, bias), dtype=self.dtype)
         x_, mean, var, promoted_scale, bias = (None if a is None else jnp.asarray(a) for a in promoted)
         assert x_ is not None and mean is not None and var is not None
