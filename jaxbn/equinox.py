@@ -40,7 +40,7 @@ from jaxbn._checks import check_mask
 from jaxbn._dtypes import output_dtype, promote
 from jaxbn._module_core import Options, forward
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "freeze"]
 
 _MASK_HINT = "; BatchNorm sees one example (input_size, *spatial): map the mask with x under jax.vmap"
 
@@ -319,3 +319,31 @@ def _ema_mode(x: Array, w: Array | None, b: Array | None, mask: Array | None, st
         first_time = jnp.logical_and(first_time, first.count == 0)
     y = jaxbn.normalize(x, mean, var, w, b, axis=0, epsilon=o.epsilon, dtype=o.dtype)
     return y, (first_time, mean, var)
+
+
+def freeze(model: eqx.Module) -> eqx.Module:
+    """`model` with every `jaxbn.equinox.BatchNorm` in inference: fine-tuning on the running statistics.
+
+    Fine-tuning with frozen batch norms (torchvision's / detectron2's
+    `FrozenBatchNorm2d`, praxis' `force_eval_mode`): the returned copy's
+    jaxbn BatchNorm layers have `inference=True`, so they normalize with the
+    running statistics and return the state unchanged, while every other
+    layer keeps its own `inference` (unlike `eqx.nn.inference_mode`, which
+    also turns dropout off). The statistics live in the `eqx.nn.State`, which
+    `eqx.filter_grad` does not differentiate; to freeze the layers' `weight`
+    and `bias` as well, leave them out of the filter you differentiate.
+
+    Args:
+      model: a pytree of equinox modules containing `jaxbn.equinox.BatchNorm` layers.
+
+    Returns:
+      A copy of `model` whose jaxbn BatchNorm layers have `inference=True`.
+
+    >>> import equinox as eqx, jax.numpy as jnp, jaxbn.equinox
+    >>> bn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(1, "batch", mode="batch")
+    >>> y, same = jaxbn.equinox.freeze(bn)(jnp.array([3.0]), state)
+    >>> y.round(3).tolist(), same.get(bn.batch_counter).tolist()
+    ([3.0], 0)
+    """
+    is_bn = lambda m: isinstance(m, BatchNorm)  # noqa: E731
+    return jax.tree.map(lambda m: eqx.tree_at(lambda b: b.inference, m, True) if is_bn(m) else m, model, is_leaf=is_bn)

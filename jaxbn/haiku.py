@@ -29,8 +29,11 @@ import it.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import haiku as hk
 import jax
@@ -44,7 +47,7 @@ from jaxbn._norm import normalize, normalize_batch
 from jaxbn._running import contributes, stats_dtype
 from jaxbn._stats import moments
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "freeze"]
 
 
 class _GuardedEMA(hk.ExponentialMovingAverage):
@@ -268,3 +271,63 @@ class BatchNorm(hk.Module):
             if offset is not None:
                 y = y + check_broadcast(offset, "offset", x.shape, target="inputs").astype(y.dtype)
         return y.astype(out_dtype)
+
+
+def _frozen_call(
+    affine: bool, next_f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], context: hk.MethodContext
+) -> Any:
+    """A method interceptor: a jaxbn BatchNorm call runs with `is_training=False` (see `freeze`)."""
+    if not (isinstance(context.module, BatchNorm) and context.method_name == "__call__") or hk.running_init():
+        return next_f(*args, **kwargs)  # `init` runs as written: haiku's averages are created by an update
+    bound = inspect.signature(BatchNorm.__call__).bind(context.module, *args, **kwargs)
+    bound.arguments["is_training"] = False
+    bound.arguments["test_local_stats"] = False
+    call_args = bound.args[1:]  # without `self`: next_f is the bound method
+    if affine:
+        return next_f(*call_args, **bound.kwargs)
+    with hk.custom_getter(lambda next_getter, value, ctx: lax.stop_gradient(next_getter(value))):
+        return next_f(*call_args, **bound.kwargs)
+
+
+def freeze(fn: Callable[..., Any], *, affine: bool = True) -> Callable[..., Any]:
+    """`fn` with every `jaxbn.haiku.BatchNorm` run on its moving averages: fine-tuning with frozen batch norms.
+
+    torchvision's / detectron2's `FrozenBatchNorm2d` and praxis'
+    `force_eval_mode`: inside the returned function every jaxbn BatchNorm
+    call runs with `is_training=False` and `test_local_stats=False` whatever
+    the model passes, so it normalizes with `mean_ema` / `var_ema` and never
+    updates them; the rest of the model trains as asked. The averages are
+    haiku state, which is not differentiated (`jax.grad` over the params).
+    `haiku.BatchNorm` layers are not affected.
+
+    Wrap the forward function *before* `hk.transform_with_state` (the
+    layers are frozen while it runs inside the transform). `init` runs
+    unfrozen, as haiku creates the averages with the first update; a
+    pretrained model's state comes from its checkpoint anyway.
+
+    Args:
+      fn: a function that runs haiku modules (your forward function).
+      affine: whether the layers' own `scale` and `offset` stay trainable
+        (True) or get a zero gradient too (False).
+
+    Returns:
+      A function with `fn`'s signature.
+
+    >>> import haiku as hk, jax, jax.numpy as jnp, jaxbn.haiku
+    >>> def net(x, is_training):
+    ...     return jaxbn.haiku.BatchNorm(True, True, 0.9)(x, is_training)
+    >>> f = hk.transform_with_state(jaxbn.haiku.freeze(net))
+    >>> params, state = f.init(None, jnp.array([[-1.0], [1.0]]), True)   # averages: mean 0, var 1
+    >>> y, new_state = f.apply(params, state, None, jnp.array([[3.0], [5.0]]), True)
+    >>> bool(jnp.allclose(y, jnp.array([[3.0], [5.0]]), atol=1e-4))
+    True
+    >>> jax.tree.all(jax.tree.map(jnp.array_equal, new_state, state))   # the averages are not updated
+    True
+    """
+
+    @functools.wraps(fn)
+    def frozen(*args: Any, **kwargs: Any) -> Any:
+        with hk.intercept_methods(functools.partial(_frozen_call, affine)):
+            return fn(*args, **kwargs)
+
+    return frozen

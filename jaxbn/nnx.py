@@ -26,7 +26,7 @@ from jaxbn._module_core import Options, forward
 from jaxbn._recompute import BatchMoments, batch_moments, population_stats
 from jaxbn._running import RunningStats
 
-__all__ = ["BatchNorm", "recompute_batch_stats"]
+__all__ = ["BatchNorm", "freeze", "recompute_batch_stats"]
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
@@ -233,6 +233,36 @@ class BatchNorm(nnx.Module):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+def freeze(model: nnx.Module) -> nnx.Module:
+    """A view of `model` whose `jaxbn.nnx.BatchNorm` layers run on their running statistics.
+
+    Fine-tuning with frozen batch norms (torchvision's / detectron2's
+    `FrozenBatchNorm2d`, praxis' `force_eval_mode`): every jaxbn BatchNorm of
+    the view has `use_running_average=True`, so it normalizes with `mean` and
+    `var` and never updates them; every other module keeps its mode
+    (dropout still trains). The view shares its variables with `model`,
+    which is not modified. Differentiate `nnx.Param` only (`nnx.grad`'s
+    default) and the statistics, `nnx.BatchStat`, get no gradient; leave the
+    layers' `scale` and `bias` out of the differentiated filter (or out of
+    the optimizer's `wrt`) to freeze them as well.
+
+    Args:
+      model: an NNX model containing `jaxbn.nnx.BatchNorm` layers.
+
+    Returns:
+      A view of `model` (`nnx.with_attributes`): call it, differentiate it,
+      optimize it; `model` is left in its own mode.
+
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+    >>> frozen = jaxbn.nnx.freeze(bn)
+    >>> frozen(jnp.array([[3.0], [5.0]])).round(3).tolist(), bn.mean[...].tolist()
+    ([[3.0], [5.0]], [0.0])
+    """
+    return nnx.with_attributes(model, only=BatchNorm, use_running_average=True)
 
 
 def _layers(model: nnx.Module) -> list[BatchNorm]:
