@@ -166,6 +166,12 @@ def test_figures_quick_writes_the_metadata(tmp_path):
         figures.run(["bogus"])
 
 
+def test_figures_refuses_to_render_a_quick_run(capsys):
+    with pytest.raises(SystemExit) as e:
+        figures.main(["--quick", "--render", "--parts", "claims"])
+    assert e.value.code == 2 and "not from a --quick run" in capsys.readouterr().err
+
+
 def test_parts_reprint_from_the_figures_file(quick, capsys):
     from benchmarks import report
     from benchmarks.__main__ import main
