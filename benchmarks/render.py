@@ -215,7 +215,7 @@ def row_nonfinite(fig: Figures) -> list[str]:
         return ("NaN" if math.isnan(a) else _num(a)) + ", then " + ("NaN" if math.isnan(b) else _num(b))
 
     label = (
-        "a batch with one `inf` (e.g. an overflowing bf16 step): the running variance (from 1) after it, "
+        "a batch with one `inf` (e.g. an overflowing bf16 step): the running variance (starting at 1) after it, "
         "then after one finite batch"
     )
     return [label, cell("jaxbn"), cell("flax"), cell("haiku"), cell("equinox")]
