@@ -17,6 +17,9 @@ definition, next to what each library returns:
   next to the data's variance (9), the mean of the batch variances and their
   exponential moving average started from 1 (flax's and PyTorch's rule, not
   debiased). equinox divides its stored average by ``1 - 0.99**10``.
+* `state_claims`: the dtype of the running statistics for bfloat16 input (with
+  standard and with strict dtype promotion), and what a batch holding one
+  ``inf`` leaves in them.
 
 >>> r = offset_variance(seeds=1)
 >>> r["flax"]["values"][0] % 8.0
@@ -202,6 +205,77 @@ def batch_mode_ema(seed: int = 0) -> dict[str, Any]:
     return out
 
 
+def _train_steps(name: str, xs: list[jax.Array]) -> Any:
+    """The running variance of library `name` after one training step on each of `xs` (momentum 0.9)."""
+    import flax.linen as nn
+
+    import jaxbn
+
+    if name == "jaxbn":
+        stats = jaxbn.init_stats(xs[0].shape[-1])
+        for x in xs:
+            _, stats = jaxbn.batch_norm(x, stats, training=True, momentum=0.9)
+        return stats.var
+    if name == "flax":
+        bn = nn.BatchNorm(use_running_average=False, momentum=0.9)
+        variables = bn.init(jax.random.key(0), xs[0])
+        for x in xs:
+            _, upd = bn.apply(variables, x, mutable=["batch_stats"])
+            variables = {**variables, **upd}
+        return variables["batch_stats"]["var"]
+    if name == "haiku":
+        import haiku as hk
+
+        t = hk.transform_with_state(lambda x: hk.BatchNorm(True, True, 0.9, eps=EPS)(x, is_training=True))
+        params, state = t.init(None, xs[0])
+        for x in xs:
+            _, state = t.apply(params, state, None, x)
+        return state["batch_norm/~/var_ema"]["average"]  # type: ignore[index]
+    import equinox as eqx
+
+    eqx_bn, eqx_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(xs[0].shape[-1], "b", mode="batch", momentum=0.9)
+    train = jax.vmap(eqx_bn, axis_name="b", in_axes=(0, None), out_axes=(0, None))
+    for x in xs:
+        _, eqx_state = train(x, eqx_state)
+    return eqx_state.get(eqx_bn.batch_state_index)[1]  # type: ignore[arg-type]
+
+
+def state_claims() -> dict[str, Any]:
+    """What each library's running statistics become: bf16 input, and a batch holding one inf.
+
+    Returns:
+      Per library (jaxbn, flax, haiku, equinox when installed): ``bf16_state_dtype``
+      (the running variance's dtype after a training step on bfloat16 input),
+      ``bf16_strict`` (the same under ``jax_numpy_dtype_promotion="strict"``: the dtype,
+      or the exception's class name), and ``inf_var`` / ``inf_then_clean_var``
+      (channel 0's running variance, which starts at 1 (equinox: 0), after a batch of
+      N(0, 1) with one ``inf`` in channel 0, then after one more finite batch).
+    """
+    rng = np.random.default_rng(0)
+    clean = [jnp.asarray(rng.normal(size=(32, 4)), jnp.float32) for _ in range(2)]
+    bad = clean[0].at[3, 0].set(jnp.inf)
+    bf16 = clean[0].astype(jnp.bfloat16)
+    names = ["jaxbn", "flax"] + [n for n in ("haiku", "equinox") if _has(n)]
+    out: dict[str, Any] = {}
+    for name in names:
+        with jax.numpy_dtype_promotion("standard"):
+            r: dict[str, Any] = {"bf16_state_dtype": str(_train_steps(name, [bf16]).dtype)}
+        try:
+            with jax.numpy_dtype_promotion("strict"):
+                r["bf16_strict"] = str(_train_steps(name, [bf16]).dtype)
+        except Exception as e:  # what a user with strict promotion gets
+            r["bf16_strict"] = type(e).__name__
+        with jax.numpy_dtype_promotion("standard"):
+            r["inf_var"] = float(np.asarray(_train_steps(name, [bad]), np.float64).ravel()[0])
+            r["inf_then_clean_var"] = float(np.asarray(_train_steps(name, [bad, clean[1]]), np.float64).ravel()[0])
+        out[name] = r
+    return out
+
+
 def run(quick: bool = False) -> dict[str, Any]:
-    """Both measurements (`quick`: 2 seeds instead of 20)."""
-    return {"offset_variance": offset_variance(2 if quick else 20), "batch_mode_ema": batch_mode_ema()}
+    """Every measurement (`quick`: 2 seeds instead of 20)."""
+    return {
+        "offset_variance": offset_variance(2 if quick else 20),
+        "batch_mode_ema": batch_mode_ema(),
+        "state": state_claims(),
+    }

@@ -139,7 +139,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--layer-reps", type=int, default=None, help=f"layer benchmark reps (default {LAYER_REPS})")
     p.add_argument("--model-reps", type=int, default=None, help=f"model benchmark reps (default {MODEL_REPS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--render", action="store_true", help="then write README.md and docs/benchmark.md from the JSON")
     opts = p.parse_args(args)
+    if opts.render and opts.quick:
+        p.error("--render writes the repository's pages: not from a --quick run")
     parts = [s for s in opts.parts.split(",") if s]
     bad = [s for s in parts if s not in PARTS]
     if bad:
@@ -148,5 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with open(opts.out, "w", encoding="utf-8") as f:
         json.dump(figures, f, indent=1)
         f.write("\n")
-    print(f"wrote {opts.out}; now: python -m benchmarks render", file=sys.stderr)
+    print(f"wrote {opts.out}", file=sys.stderr)
+    if opts.render:
+        from benchmarks import render
+
+        render.main(["--json", opts.out])
+    else:
+        print("now: python -m benchmarks render", file=sys.stderr)
     return figures

@@ -185,12 +185,50 @@ def row_in_context(fig: Figures) -> list[str]:
     return [label, "; ".join(cells) + " ([in context](docs/benchmark.md))", "1, 1", "—", "—"]
 
 
+def row_bf16(fig: Figures) -> list[str]:
+    """The running statistics' dtype for bfloat16 input, and what strict dtype promotion does."""
+    st = _part(fig, "claims")["state"]
+
+    def cell(name: str) -> str:
+        r = st.get(name)
+        if r is None:
+            return "not installed"
+        dt = r["bf16_state_dtype"]
+        text = f"**{dt}**" if dt != "float32" else dt
+        return text + ("" if r["bf16_strict"] == dt else f" (strict promotion: `{r['bf16_strict']}`)")
+
+    label = "bf16 input: dtype of the running statistics after a training step"
+    return [label, cell("jaxbn"), cell("flax"), cell("haiku"), cell("equinox")]
+
+
+def row_nonfinite(fig: Figures) -> list[str]:
+    """What a batch with one inf leaves in the running variance, and whether a finite batch repairs it."""
+    st = _part(fig, "claims")["state"]
+
+    def cell(name: str) -> str:
+        r = st.get(name)
+        if r is None:
+            return "not installed"
+        a, b = r["inf_var"], r["inf_then_clean_var"]
+        if math.isnan(a) and math.isnan(b):
+            return "**NaN**, still NaN after a finite batch"
+        return ("NaN" if math.isnan(a) else _num(a)) + ", then " + ("NaN" if math.isnan(b) else _num(b))
+
+    label = (
+        "a batch with one `inf` (e.g. an overflowing bf16 step): the running variance (starting at 1) after it, "
+        "then after one finite batch"
+    )
+    return [label, cell("jaxbn"), cell("flax"), cell("haiku"), cell("equinox")]
+
+
 #: README.md table rows: tag name -> the row's cells.
 ROWS: dict[str, Callable[[Figures], list[str]]] = {
     "offset-var": row_offset_var,
     "batch-ema": row_batch_ema,
     "collectives": row_collectives,
     "residuals": row_residuals,
+    "bf16": row_bf16,
+    "nonfinite": row_nonfinite,
     "layer-speed": row_layer_speed,
     "in-context": row_in_context,
 }
@@ -286,6 +324,19 @@ def block_claims(fig: Figures) -> str:
     for name in ("flax", "jaxbn.linen", "equinox", "jaxbn.equinox"):
         if name in be:
             out.append(f"| {name}: variance used in inference | {be[name]:.3f} |")
+    st = c.get("state", {})
+    out += [
+        "",
+        "Running variance's dtype after a step on bfloat16 input (standard / strict promotion), and channel 0's "
+        "running variance after a batch with one `inf` in it, then after one more finite batch (momentum 0.9):",
+        "",
+        "| library | bf16 input | strict promotion | after the `inf` batch | then after a finite one |",
+        "|---|---|---|---:|---:|",
+    ]
+    out += [
+        f"| {n} | {r['bf16_state_dtype']} | {r['bf16_strict']} | {r['inf_var']:.4g} | {r['inf_then_clean_var']:.4g} |"
+        for n, r in st.items()
+    ]
     return "\n".join(out)
 
 

@@ -166,6 +166,12 @@ def test_figures_quick_writes_the_metadata(tmp_path):
         figures.run(["bogus"])
 
 
+def test_figures_refuses_to_render_a_quick_run(capsys):
+    with pytest.raises(SystemExit) as e:
+        figures.main(["--quick", "--render", "--parts", "claims"])
+    assert e.value.code == 2 and "not from a --quick run" in capsys.readouterr().err
+
+
 def test_parts_reprint_from_the_figures_file(quick, capsys):
     from benchmarks import report
     from benchmarks.__main__ import main
@@ -174,3 +180,18 @@ def test_parts_reprint_from_the_figures_file(quick, capsys):
     assert capsys.readouterr().out.strip() == report.markdown_layer(quick["layer"]).strip()
     main(["model", "--from-json", QUICK, "--markdown"])
     assert capsys.readouterr().out.strip() == report.format_model(quick["model"], markdown=True).strip()
+
+
+def test_state_claims():
+    r = claims.state_claims()
+    rng = np.random.default_rng(0)
+    clean = [rng.normal(size=(32, 4)).astype(np.float32).astype(np.float64) for _ in range(2)]
+    # jaxbn: the inf batch is skipped (var stays at its initial 1), the finite one is an EMA step at 0.9.
+    assert r["jaxbn"]["inf_var"] == 1.0
+    assert r["jaxbn"]["inf_then_clean_var"] == pytest.approx(0.9 + 0.1 * clean[1][:, 0].var(), rel=1e-5)
+    assert r["jaxbn"]["bf16_state_dtype"] == r["jaxbn"]["bf16_strict"] == "float32"
+    # flax has no guard: inf - inf in its moments makes the EMA NaN, and NaN stays NaN.
+    assert math.isnan(r["flax"]["inf_var"]) and math.isnan(r["flax"]["inf_then_clean_var"])
+    assert r["flax"]["bf16_state_dtype"] == "float32"  # force_float32_reductions
+    if "haiku" in r:  # haiku keeps its statistics in the input's dtype
+        assert r["haiku"]["bf16_state_dtype"] == "bfloat16"
