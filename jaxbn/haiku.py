@@ -158,7 +158,19 @@ class BatchNorm(hk.Module):
 
     Parameters are shaped like the input with 1 on the reduced axes, in the
     input's dtype; the state holds float32 (or wider) statistics in that
-    shape.
+    shape (float64 under jax x64 for float64 or integer input, as haiku).
+
+    Features skipped on their own (masked out, or inf/NaN in them) while
+    others update: haiku's state has one scalar ``counter``, so a skipped
+    feature keeps its ``average`` exactly (inference reads only that) and
+    its ``hidden`` is re-debiased so that ``average = hidden / (1 - decay **
+    counter)`` still holds; a feature skipped before its first valid batch
+    takes that batch exactly. In general its ``average`` is the debiased EMA
+    over the counted steps of its batch values, each skipped step holding
+    its average as it stood then. It cannot be the debiased EMA of its valid
+    batches alone (that needs a counter per feature): after ``s`` skips in
+    ``k`` counted steps its next batch weighs ``(1 - d) / (1 - d ** (k + 1))``
+    instead of ``(1 - d) / (1 - d ** (k + 1 - s))``. See docs/haiku.md.
 
     >>> import haiku as hk, jax.numpy as jnp, jaxbn.haiku
     >>> f = hk.transform_with_state(lambda x, t: jaxbn.haiku.BatchNorm(True, True, 0.9)(x, t))
