@@ -207,15 +207,11 @@ class BatchNorm(hk.Module):
     def _pooling(self) -> str | None:
         """"accumulate" or "precise" when the state holds this layer's pools (`accumulate`,
         `recompute_batch_stats`), else None."""
-        try:
-            hk.get_state(_POOL[0])
-        except ValueError:  # haiku's "No value for ..." (no pool, or init)
+        # Read, not hk.get_state: asking for a missing state would add an empty entry to the state.
+        bundle = hk.experimental.get_current_state().get(self.module_name, {})
+        if _POOL[0] not in bundle:
             return None
-        try:
-            hk.get_state(_CALLS)
-        except ValueError:
-            return "accumulate"
-        return "precise"
+        return "precise" if _CALLS in bundle else "accumulate"
 
     def _pool_moments(self, m: Moments, w_shape: tuple[int, ...], *, precise: bool) -> None:
         """Pools this call's moments into the state (Chan's combination) instead of updating the averages."""
@@ -442,7 +438,10 @@ def accumulate(state: Mapping[str, Any], *, enable: bool = True) -> dict[str, An
         if enable:
             pooling = _POOL[0] in state.get(n, {}) and _CALLS not in state[n]
             bundle.update({k: state[n][k] for k in (*_POOL, _DECAY)} if pooling else _empty_pool(state, n))
-        out[n] = bundle
+        if bundle:
+            out[n] = bundle
+        else:
+            out.pop(n, None)  # haiku's own layout has no entry for the layer itself
     return out
 
 
