@@ -519,3 +519,34 @@ def test_equinox_haiku_errors():
         jaxbn.haiku.commit_moments(hk_state)
     with pytest.raises(ValueError, match="the state has no batch norm to accumulate"):
         jaxbn.haiku.accumulate({})
+
+
+def test_inference_layers_neither_pool_nor_change():
+    """Accumulation is for training calls: a layer in inference (frozen, use_running_average=True) normalizes
+    with its running statistics and pools nothing, in every module."""
+    x = ref.normal(11, (6, 2)) + 3.0
+    stats_mean, stats_var = np.zeros(2), np.ones(2)
+    want = ref.normalize(x, stats_mean, stats_var)
+
+    bn = jaxbn.linen.BatchNorm(use_running_average=True)
+    v = bn.init(jax.random.key(0), x)
+    y, upd = bn.apply(v, x, mutable=[jaxbn.linen.MOMENTS])
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    assert not upd.get(jaxbn.linen.MOMENTS)
+
+    layer = jaxbn.nnx.BatchNorm(2, use_running_average=True, rngs=nnx.Rngs(0))
+    jaxbn.nnx.accumulate(layer)
+    np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layer.pooled_count[...], 0.0)
+
+    ebn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(2, "batch", mode="batch", inference=True)
+    acc = jaxbn.equinox.accumulate(ebn, state)
+    y, acc = jax.vmap(ebn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, acc)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(acc.get(ebn.batch_state_index).pooled.count, 0.0)
+
+    f = hk.transform_with_state(lambda x, t: jaxbn.haiku.BatchNorm(False, False, 0.9)(x, t))
+    params, hk_state = f.init(None, x, True)
+    acc = jaxbn.haiku.accumulate(hk_state)
+    _, acc = f.apply(params, acc, None, x, False)
+    np.testing.assert_array_equal(acc["batch_norm"]["pooled_count"], 0.0)
