@@ -108,7 +108,6 @@ def test_nnx_freeze(affine):
     model = NNXNet(nnx.Rngs(0))
     model.bn.mean[...] = jnp.asarray(MEAN)
     model.bn.var[...] = jnp.asarray(VAR)
-    model.train()
     frozen = jaxbn.nnx.freeze(model)
     params = nnx.Param if affine else nnx.All(nnx.Param, nnx.Not(nnx.PathContains("bn")))
     grads = nnx.grad(lambda m: loss_of(m(X)), argnums=nnx.DiffState(0, params))(frozen)
