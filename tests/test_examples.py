@@ -129,10 +129,19 @@ def check_torch(out, tmp_path):
     assert number(r"PyTorch momentum 0\.1 -> jaxbn momentum ([\d.]+)", out) == 0.9
 
 
+def check_grad_accumulation(out, tmp_path):
+    """Accumulated statistics equal the float64 whole-batch update; per-micro-batch updates do not (they miss
+    the spread of the micro-batch means and apply the momentum k times)."""
+    assert "equal the whole-batch update (float64 reference): True" in out, out
+    assert number(r"worst error with jaxbn accumulation: (\S+);", out) < 1e-5
+    assert number(r"smallest with per-micro-batch updates: (\S+)", out) > 1e-2
+
+
 CHECKS = {
     "demo.py": check_demo,
     "equinox_example.py": check_equinox,
     "fold_inference.py": check_fold,
+    "grad_accumulation.py": check_grad_accumulation,
     "haiku_example.py": check_haiku,
     "multihost.py": check_multihost,
     "nnx_example.py": check_nnx,
