@@ -335,7 +335,7 @@ def shifted_global_moments(
     axis_index_groups: AxisIndexGroups,
     shift: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(N, mean, M2) over `red` and the devices, in ONE all-reduce when the shift is good (module docstring).
+    """(N, mean, biased var) over `red` and the devices, keepdims, in ONE all-reduce when the shift is good (module docstring).
 
     Every device sums about the same shift `K` (`shift`, e.g. the running
     mean; 0 if None), so the sums add up across devices: one all-reduce of
@@ -380,16 +380,18 @@ def shifted_global_moments(
     else:
         big_n = total[k_ + 1] * float(_LIMB) + total[k_ + 2]
     safe_n = jnp.maximum(big_n, 1.0).astype(_real(dt))
+    zero = jnp.zeros((), dt)
 
     def about(center: jax.Array, t1: jax.Array, t2: jax.Array) -> tuple[jax.Array, jax.Array]:
-        delta = t1 / safe_n.astype(t1.dtype)
-        return center + delta, jnp.maximum(t2 - _abs_sq(t1) / safe_n, 0.0)
+        """(mean, var) from sums about `center`; 0 where no entry is valid."""
+        mean = center + t1 / safe_n.astype(t1.dtype)
+        var = jnp.maximum(t2 - _abs_sq(t1) / safe_n, 0.0) / safe_n
+        return (mean if isinstance(n_local, int) else jnp.where(big_n > 0, mean, zero)), var
 
-    mean, m2 = about(k, s1, s2)
-    cancelled = jnp.any(s2 > _CANCELLATION * m2)
+    mean, var = about(k, s1, s2)
 
     def keep() -> tuple[jax.Array, jax.Array]:
-        return mean, m2
+        return mean, var
 
     def recentre() -> tuple[jax.Array, jax.Array]:
         g = lax.stop_gradient(mean)
@@ -397,25 +399,26 @@ def shifted_global_moments(
         u = _psum_flat([*_pack(t1), t2], axis_name, axis_index_groups)
         return about(g, _unpack(u[:k_], cplx), u[k_])
 
-    if not check_shared:
-        mean, m2 = lax.cond(cancelled, recentre, keep)
-    else:
+    def chan() -> tuple[jax.Array, jax.Array]:
+        n_i, mean_i, lo_i, m2_i = local_moments(x, red, mask)
+
+        def psum_packed(vs: list[jax.Array]) -> list[jax.Array]:
+            return list(lax.psum(jnp.stack(vs), axis_name, axis_index_groups=axis_index_groups))
+
+        _, gmean, gm2 = chan_combine(n_i, mean_i, m2_i, psum_packed, mean_lo=lo_i)
+        return gmean, gm2 / safe_n
+
+    # The branch to take, from reduced values only (the same on every device), in one reduction:
+    # 1 where the cancellation bound fails (S2 > _CANCELLATION * M2), 2 where the shift differed.
+    flags = [jnp.ravel(s2 > _CANCELLATION * (var * safe_n)).astype(jnp.int32)]
+    branches = [keep, recentre]
+    if check_shared:
         bits = total[-1]
-        differ = jnp.any(bits * (size - bits) != 0)
-
-        def chan() -> tuple[jax.Array, jax.Array]:
-            n_i, mean_i, lo_i, m2_i = local_moments(x, red, mask)
-
-            def psum_packed(vs: list[jax.Array]) -> list[jax.Array]:
-                return list(lax.psum(jnp.stack(vs), axis_name, axis_index_groups=axis_index_groups))
-
-            _, gmean, gm2 = chan_combine(n_i, mean_i, m2_i, psum_packed, mean_lo=lo_i)
-            return gmean, gm2
-
-        index = jnp.where(differ, 2, jnp.where(cancelled, 1, 0))
-        mean, m2 = lax.switch(index, [keep, recentre, chan])
-    valid = big_n > 0
-    return jnp.broadcast_to(big_n, m2.shape), jnp.where(valid, mean, jnp.zeros((), mean.dtype)), m2
+        flags.append(jnp.where(bits * (size - bits) != 0, 2, 0).astype(jnp.int32))
+        branches.append(chan)
+    index = jnp.max(jnp.concatenate(flags))
+    mean, var = lax.switch(index, branches)
+    return jnp.broadcast_to(big_n, var.shape), mean, var
 
 
 def gathered_moments(
@@ -456,7 +459,7 @@ def moments_keepdims(
     if strategy not in ("auto", "gather", "psum"):
         raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")
     if axis_name is not None and strategy != "gather":
-        n, mean, m2 = shifted_global_moments(x, red, mask, axis_name, axis_index_groups, shift)
+        return shifted_global_moments(x, red, mask, axis_name, axis_index_groups, shift)
     else:
         n, mean, mean_lo, m2 = local_moments(x, red, mask)
         if axis_name is not None:
