@@ -19,16 +19,21 @@ about the mean just found (now inside the data) replaces the sums. It runs
 only when needed (`lax.cond`), so the one-pass speed stays for every batch
 whose pilot was good.
 
-Across devices the per-device triples `(n_i, mean_i, M2_i)` are combined with
-Chan et al.'s parallel formula, weighting each device by its own count::
+Across devices (`axis_name`), strategy "auto" = "psum" (`shifted_global_moments`):
+every device sums about the same shift (the running mean passed in, 0 in
+`moments`), so the sums add up and the forward combination is ONE all-reduce;
+a check on the reduced values (identical on every device) runs a second pass
+about the mean when the bound above fails, or Chan's combination of the
+per-device moments when the shift was not the same on every device.
+Strategy "gather" all-gathers the per-device triples `(n_i, mean_i, M2_i)`
+and combines them with Chan et al.'s parallel formula (`chan_combine`)::
 
     N = sum n_i,  mean = sum n_i mean_i / N,
     M2 = sum M2_i + sum n_i |mean_i - mean|^2
 
-With `strategy="gather"` that is ONE all-gather of the triples (payload
-O(devices x features)); with `strategy="psum"` it is TWO all-reduces of
-O(features) (first `N` and `sum n_i mean_i`, then the M2 terms). `"auto"`
-gathers up to `GATHER_MAX_DEVICES` participants and switches to psum above.
+Counts are summed in integers, on each device and across devices; the
+float32 `count` that callers see is the exact count rounded once (exact up
+to 2^24 valid entries per feature, within 2^-24 relative above).
 """
 
 from __future__ import annotations
@@ -335,7 +340,7 @@ def shifted_global_moments(
     axis_index_groups: AxisIndexGroups,
     shift: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(N, mean, biased var) over `red` and the devices, keepdims, in ONE all-reduce when the shift is good (module docstring).
+    """(N, mean, biased var) over `red` and the devices, keepdims: ONE all-reduce when the shift is good.
 
     Every device sums about the same shift `K` (`shift`, e.g. the running
     mean; 0 if None), so the sums add up across devices: one all-reduce of
@@ -493,12 +498,15 @@ def moments(
       axis_name: a name or tuple of names bound by `jax.pmap`,
         `jax.shard_map` or `jax.vmap(..., axis_name=...)` to reduce across.
       axis_index_groups: `jax.lax.psum`'s groups (under `pmap` only).
-      strategy: cross-device combination: "gather" (one all-gather),
-        "psum" (two all-reduces) or "auto" (gather up to
-        `GATHER_MAX_DEVICES` participants).
+      strategy: cross-device combination: "auto" or "psum" (one
+        all-reduce of sums about 0; a second one when the data's mean is
+        more than ~32 standard deviations from 0) or "gather" (one
+        all-gather of every device's moments). Same results.
 
     Returns:
-      `Moments(mean, var, count)`, each of the feature shape.
+      `Moments(mean, var, count)`, each of the feature shape. `count` is
+      float32: the exact number of valid entries (summed in integers, on
+      each device and across devices) rounded once, so exact up to 2^24.
 
     Raises:
       TypeError: for a non-float `x` or mask.

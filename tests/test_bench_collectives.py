@@ -81,6 +81,5 @@ def test_plain_jit_on_a_sharded_batch_takes_few_collectives():
 
         return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
 
-    counts = hlo.count_collectives(step, x, dy, scale, bias)
-    assert counts["collective-permute"] == 0 and counts["all-gather"] == 0
-    assert counts["all-reduce"] <= 3
+    # XLA's partitioner: the pilot shift's sums, the shifted sums, the backward sums (docs/sync.md).
+    assert hlo.count_collectives(step, x, dy, scale, bias) == _only(**{"all-reduce": 3})
