@@ -295,18 +295,16 @@ _LIMB = 4096
 
 
 def _fingerprint(k: jax.Array) -> jax.Array:
-    """64 bits (float32 0 or 1) of a hash of the bit pattern of `k`: equal arrays give equal bits.
+    """32 bits (float32 0 or 1) of a hash of the bit pattern of `k`: equal arrays give equal bits.
 
-    Two sums `sum_f bits(k_f) * m_f mod 2^32` with odd multipliers: arrays
-    that differ in one element always differ here, others with chance ~2^-64.
+    `sum_f bits(k_f) * m_f mod 2^32` with odd multipliers `m_f`: arrays that
+    differ in one element always differ here, others with chance ~2^-32.
     """
     parts = [k.real, k.imag] if jnp.iscomplexobj(k) else [k]
     bits = jnp.concatenate([jnp.ravel(lax.bitcast_convert_type(p, jnp.uint32)) for p in parts])
     i = lax.iota(jnp.uint32, bits.size)
-    m1 = (i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)
-    m2 = (i * jnp.uint32(0x85EBCA77) + jnp.uint32(0xC2B2AE3D)) | jnp.uint32(1)
-    h = jnp.stack([jnp.sum(bits * m1, dtype=jnp.uint32), jnp.sum(bits * m2, dtype=jnp.uint32)])
-    return ((h[:, None] >> lax.iota(jnp.uint32, 32)[None, :]) & jnp.uint32(1)).astype(jnp.float32).ravel()
+    h = jnp.sum(bits * ((i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)), dtype=jnp.uint32)
+    return ((h >> lax.iota(jnp.uint32, 32)) & jnp.uint32(1)).astype(jnp.float32)
 
 
 def _psum_flat(parts: list[jax.Array], axis_name: AxisName, groups: AxisIndexGroups) -> list[jax.Array]:
@@ -413,15 +411,15 @@ def shifted_global_moments(
         _, gmean, gm2 = chan_combine(n_i, mean_i, m2_i, psum_packed, mean_lo=lo_i)
         return gmean, gm2 / safe_n
 
-    # The branch to take, from reduced values only (the same on every device), in one reduction:
-    # 1 where the cancellation bound fails (S2 > _CANCELLATION * M2), 2 where the shift differed.
-    flags = [jnp.ravel(s2 > _CANCELLATION * (var * safe_n)).astype(jnp.int32)]
+    # The branch to take, from reduced values only (the same on every device): 1 where the
+    # cancellation bound fails (S2 > _CANCELLATION * M2), 2 where the shift differed.
+    # (S2 > C * M2 with M2 = S2 - |S1|^2 / N, written from the reduced sums alone.)
+    index = (jnp.max(_CANCELLATION * _abs_sq(s1) / safe_n - (_CANCELLATION - 1.0) * s2) > 0).astype(jnp.int32)
     branches = [keep, recentre]
     if check_shared:
         bits = total[-1]
-        flags.append(jnp.where(bits * (size - bits) != 0, 2, 0).astype(jnp.int32))
+        index = jnp.where(jnp.max(bits * (size - bits)) > 0, 2, index)
         branches.append(chan)
-    index = jnp.max(jnp.concatenate(flags))
     mean, var = lax.switch(index, branches)
     return jnp.broadcast_to(big_n, var.shape), mean, var
 
