@@ -1,11 +1,15 @@
-"""Command line: ``python -m benchmarks [layer|model|collectives] [options]`` (``--help`` on each).
+"""Command line: ``python -m benchmarks [layer|model|collectives|figures|render] [options]`` (``--help`` on each).
 
 * ``layer`` (the default when no part is named): one batch-norm layer of each
   library, timed side by side (`benchmarks.layer`);
 * ``model``: a ResNet training step with each batch norm swapped in, and BN's
   in-context cost (`benchmarks.model`);
 * ``collectives``: the collectives of one synchronized batch-norm step at 8 and
-  64 simulated devices (`benchmarks.collectives`).
+  64 simulated devices (`benchmarks.collectives`);
+* ``figures``: every figure README.md and docs/benchmark.md quote, measured
+  into one JSON file (`benchmarks.figures`);
+* ``render``: README.md's and docs/benchmark.md's tables written from that
+  JSON (`benchmarks.render`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 from benchmarks import grid
 
-PARTS = ("layer", "model", "collectives")
+PARTS = ("layer", "model", "collectives", "figures", "render")
 
 
 def _common(p: argparse.ArgumentParser, impls: Sequence[str], default_reps: str) -> None:
@@ -29,7 +33,7 @@ def _common(p: argparse.ArgumentParser, impls: Sequence[str], default_reps: str)
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after compilation (default 1)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON instead of tables")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables instead of plain text")
-    p.add_argument("--from-json", metavar="PATH", help="re-print the report saved by --json (no run)")
+    p.add_argument("--from-json", metavar="PATH", help="re-print a --json report or this part of docs/figures.json")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the results (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -43,9 +47,11 @@ def _output(opts: argparse.Namespace, rep: dict[str, Any], text: Callable[..., s
     print(json.dumps(rep, indent=1) if opts.json else text(rep, opts.markdown))
 
 
-def _load(path: str) -> dict[str, Any]:
+def _load(path: str, part: str) -> dict[str, Any]:
+    """A saved report: `--json`'s output, or the `part` of `python -m benchmarks figures`' file."""
     with open(path) as f:
-        return json.load(f)  # type: ignore[no-any-return]
+        saved: dict[str, Any] = json.load(f)
+    return saved[part] if "results" not in saved and part in saved else saved
 
 
 def layer_main(argv: Sequence[str], prog: str = "python -m benchmarks layer") -> dict[str, Any] | None:
@@ -72,7 +78,7 @@ def layer_main(argv: Sequence[str], prog: str = "python -m benchmarks layer") ->
         print(json.dumps(layer_collectives_here(layers.available(names)[0])))
         return None
     if opts.from_json:
-        saved = _load(opts.from_json)
+        saved = _load(opts.from_json, "layer")
         print(text(saved, opts.markdown))
         return saved
     modes = _pick(p, opts.modes, layers.MODES, "mode(s)")
@@ -123,7 +129,7 @@ def model_main(argv: Sequence[str]) -> dict[str, Any] | None:
         return report.format_model(rep, markdown)
 
     if opts.from_json:
-        saved = _load(opts.from_json)
+        saved = _load(opts.from_json, "model")
         print(text(saved, opts.markdown))
         return saved
     placements = _pick(p, opts.placements, grid.PLACEMENTS, "placement(s)")
@@ -152,6 +158,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     rest = args[1:] if args and args[0] in PARTS else args
     if part == "model":
         return model_main(rest)
+    if part == "figures":
+        from benchmarks.figures import main as figures_main
+
+        return figures_main(rest)
+    if part == "render":
+        from benchmarks.render import main as render_main
+
+        render_main(rest)
+        return None
     if part == "collectives":
         from benchmarks.collectives import main as collectives_main
 

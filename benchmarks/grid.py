@@ -36,7 +36,7 @@ class Case:
         return f"{self.layout} {'x'.join(map(str, self.shape))}"
 
 
-#: The default layer grid (issue 6).
+#: The default layer grid.
 GRID = (
     Case("dense", (4096, 1024), -1),
     Case("nhwc56", (64, 56, 56, 64), -1),

@@ -19,6 +19,7 @@ import jax
 
 from benchmarks.hlo import KINDS
 from benchmarks.layers import MODE_TITLES
+from benchmarks.timing import geomean, quartiles
 
 #: A report as `--json` prints it (nested dicts and lists of JSON values).
 Report: TypeAlias = Mapping[str, Any]
@@ -60,8 +61,34 @@ def _x(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}x"
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
+def geomean_spread(report: Report, mode: str, dtype: str, impl: str) -> tuple[float, float, float] | None:
+    """Geometric-mean speedup of `impl` vs flax over the grid rows of `mode` and `dtype` ("all": every dtype).
+
+    Returns:
+      (geomean of the per-row median speedups, 25th and 75th percentiles of the
+      per-round geomeans: round r's geomean over rows of flax's r-th time / `impl`'s
+      r-th time, the rounds of one row being interleaved), or None without such rows.
+    """
+    rows = report["results"]
+    index = {(r["case"], r["dtype"], r["mode"], r["impl"]): r for r in rows}
+    pairs = [
+        (index[(r["case"], r["dtype"], mode, "flax")], r)
+        for r in rows
+        if r["mode"] == mode and r["impl"] == impl and dtype in ("all", r["dtype"])
+        and (r["case"], r["dtype"], mode, "flax") in index
+    ]  # fmt: skip
+    if not pairs:
+        return None
+    geo = geomean([ref["median_ms"] / r["median_ms"] for ref, r in pairs])
+    rounds = min(len(r["times_ms"]) for pair in pairs for r in pair)
+    per_round = [geomean([ref["times_ms"][i] / r["times_ms"][i] for ref, r in pairs]) for i in range(rounds)]
+    lo, hi = quartiles([g for g in per_round if g is not None])
+    return (float(geo), lo, hi) if geo is not None else None
+
+
+def _spread(report: Report, mode: str, dtype: str, impl: str) -> str:
+    g = geomean_spread(report, mode, dtype, impl)
+    return "-" if g is None else f"{g[0]:.2f}x ({g[1]:.2f}-{g[2]:.2f})"
 
 
 def _header(report: Report) -> list[str]:
@@ -94,9 +121,8 @@ def format_layer(report: Report) -> str:
     out = ["benchmarks layer", *_header(report)]
     out.append(
         f"median of {cfg['reps']} interleaved reps after {cfg['warmup']} warm-up; "
-        "cell = ms (speedup vs flax = flax ms / ms, > 1 is faster) limit%; 'best anchor' = fastest non-jaxbn ms / "
-        f"jaxbn ms; limit% = (passes x x's bytes / ms) / bandwidth, passes {cfg['passes']}, bandwidth "
-        f"{summary['bandwidth_gbs']:.1f} GB/s (best {cfg['copy_bytes'] >> 20} MiB copy of the run)"
+        "cell = ms (speedup vs flax = flax ms / ms, > 1 is faster); 'best anchor' = fastest non-jaxbn ms / "
+        "jaxbn ms; geomean rows: geometric mean of the speedups (25-75% range of the per-round geomeans)"
     )
     w0 = max([len(labels[c]) + 10 for c, _ in cases] + [24])
     for mode in dict.fromkeys(r["mode"] for r in report["results"]):
@@ -107,18 +133,16 @@ def format_layer(report: Report) -> str:
             cells = []
             for n in names:
                 r = index.get((case, dt, mode, n))
-                cell = (
-                    "-"
-                    if r is None
-                    else f"{r['median_ms']:.2f} ({_x(r['speedup_vs_flax']):>6}) {_pct(r['limit_fraction']):>4}"
-                )
+                cell = "-" if r is None else f"{r['median_ms']:.2f} ({_x(r['speedup_vs_flax']):>6})"
                 cells.append(f"{cell:>24}")
             jb = index.get((case, dt, mode, "jaxbn"))
             mark = " <" if jb and jb["vs_best_anchor"] is not None and jb["vs_best_anchor"] < 1 / 1.05 else ""
             best = _x(jb["vs_best_anchor"]) if jb else "-"
             out.append(f"{labels[case] + ' ' + dt:<{w0}}" + "".join(cells) + f"{best + mark:>13}")
-        for dt, vals in summary["geomean_speedup_vs_flax"][mode].items():
-            out.append(f"{'geomean speedup ' + dt:<{w0}}" + "".join(f"{_x(vals.get(n)):>24}" for n in names))
+        for dt in summary["geomean_speedup_vs_flax"][mode]:
+            out.append(
+                f"{'geomean speedup ' + dt:<{w0}}" + "".join(f"{_spread(report, mode, dt, n):>24}" for n in names)
+            )
     dts = list(dict.fromkeys(r["dtype"] for r in report["results"]))
     out += ["", "== memory kept for the backward pass: batch-sized residuals of jax.vjp, multiple of x's bytes =="]
     out.append(f"{'implementation':<14}" + "".join(f"{d:>12}" for d in dts))
@@ -173,8 +197,9 @@ def markdown_layer(report: Report) -> str:
     out = []
     for mode in dict.fromkeys(r["mode"] for r in report["results"]):
         out.append(
-            f"**{mode}**: {MODE_TITLES[mode]}. Median ms (speedup vs flax) and fraction of the bandwidth limit "
-            f"({report['config']['passes'][mode]} passes over x at {summary['bandwidth_gbs']:.1f} GB/s).\n"
+            f"**{mode}**: {MODE_TITLES[mode]}. Median ms over {report['config']['reps']} interleaved rounds "
+            "(speedup vs flax); geomean rows: geometric mean of the speedups (25-75% range of the per-round "
+            "geomeans).\n"
         )
         out.append("| shape | dtype | " + " | ".join(names) + " | jaxbn vs best anchor |")
         out.append("|---|---|" + "---:|" * (len(names) + 1))
@@ -182,18 +207,14 @@ def markdown_layer(report: Report) -> str:
             cells = []
             for n in names:
                 r = index.get((case, dt, mode, n))
-                cells.append(
-                    "-"
-                    if r is None
-                    else f"{r['median_ms']:.2f} ({_x(r['speedup_vs_flax'])}) {_pct(r['limit_fraction'])}"
-                )
+                cells.append("-" if r is None else f"{r['median_ms']:.2f} ({_x(r['speedup_vs_flax'])})")
             jb = index.get((case, dt, mode, "jaxbn"))
             best = "-" if jb is None else _x(jb["vs_best_anchor"])
             if jb and jb["vs_best_anchor"] is not None and jb["vs_best_anchor"] < 1 / 1.05:
                 best = f"**{best}**"
             out.append(f"| {labels[case]} | {dt} | " + " | ".join(cells) + f" | {best} |")
-        for dt, vals in summary["geomean_speedup_vs_flax"][mode].items():
-            out.append(f"| geomean | {dt} | " + " | ".join(_x(vals.get(n)) for n in names) + " | |")
+        for dt in summary["geomean_speedup_vs_flax"][mode]:
+            out.append(f"| geomean | {dt} | " + " | ".join(_spread(report, mode, dt, n) for n in names) + " | |")
         out.append("")
     dts = list(dict.fromkeys(r["dtype"] for r in report["results"]))
     out += ["**Residuals** kept for the backward pass (batch-sized arrays, multiple of x's bytes):", ""]
@@ -221,17 +242,23 @@ def markdown_layer(report: Report) -> str:
 _MIB = 2**20
 
 
+def _positive(v: float | None) -> float | None:
+    """`v` if it is a positive ratio, else None (BN's temp bytes, a difference of two steps', can be <= 0)."""
+    return v if v is not None and v > 0 else None
+
+
 def _model_groups(report: Report) -> list[tuple[str, str, str]]:
     return list(dict.fromkeys((r["model"], r["placement"], r["dtype"]) for r in report["results"]))
 
 
-def format_model(report: Report, markdown: bool = False) -> str:
+def format_model(report: Report, markdown: bool = False, targets: bool = True) -> str:
     """The whole-model benchmark's table, plain text or Markdown.
 
     Per row: median step ms, speedup vs flax (flax ms / ms) with the 25-75%
     range of the per-round ratios, compile s, temp MiB, and BN's in-context
     cost (this step minus the identity step): ms, bytes accessed (MiB and
-    ratio to flax's), kernels, temp MiB (ratio to flax's).
+    ratio to flax's), kernels, temp MiB (ratio to flax's). `targets`: the
+    target checks after the table.
     """
     cols = [
         "model", "placement", "dtype", "impl", "step ms", "vs flax", "(25-75%)", "compile s", "temp MiB",
@@ -247,7 +274,7 @@ def format_model(report: Report, markdown: bool = False) -> str:
             "-" if bn is None else f"{bn['ms']:.1f}",
             "-" if bn is None else f"{bn['bytes_accessed'] / _MIB:.1f} ({_x(bn['bytes_vs_flax'])})",
             "-" if bn is None else f"{bn['kernels']} ({_x(bn['kernels_vs_flax'])})",
-            "-" if bn is None else f"{bn['temp_bytes'] / _MIB:.2f} ({_x(bn['temp_vs_flax'])})",
+            "-" if bn is None else f"{bn['temp_bytes'] / _MIB:.2f} ({_x(_positive(bn['temp_vs_flax']))})",
             str(sum(r["collectives"].values())),
         ])  # fmt: skip
     if markdown:
@@ -262,14 +289,16 @@ def format_model(report: Report, markdown: bool = False) -> str:
         )
         out += ["", "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
         out += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
-    targets = report["summary"]["targets"]
+    if not targets:
+        return "\n".join(out)
+    misses = report["summary"]["targets"]
     out += [
         "",
         "targets (jaxbn.linen vs flax, every row):" if not markdown else "**Targets** (jaxbn.linen vs flax):",
         "",
     ]
-    for name, misses in targets.items():
-        out.append(f"{'- ' if markdown else '  '}{name}: {'met' if not misses else 'missed on ' + '; '.join(misses)}")
+    for name, missed in misses.items():
+        out.append(f"{'- ' if markdown else '  '}{name}: {'met' if not missed else 'missed on ' + '; '.join(missed)}")
     if report.get("skipped"):
         out += ["", *(f"skipped {n}: {why}" for n, why in report["skipped"].items())]
     return "\n".join(out)

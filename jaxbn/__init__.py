@@ -1,8 +1,11 @@
 """jaxbn: batch normalization for JAX and Flax, done right.
 
 Pure functions over an explicit `RunningStats` pytree, exact and stable
-cross-device statistics, and drop-in Flax modules (`jaxbn.linen`,
-`jaxbn.nnx`).
+cross-device statistics, and drop-in BatchNorm modules for Flax
+(`jaxbn.linen`, `jaxbn.nnx`), equinox (`jaxbn.equinox`) and haiku
+(`jaxbn.haiku`), and PyTorch state dicts and deployment utilities
+(`jaxbn.interop`).
+The submodules load lazily: `import jaxbn` imports no framework.
 """
 
 from jaxbn._fold import fold as fold
@@ -17,10 +20,10 @@ from jaxbn._stats import moments as moments
 
 __version__ = "0.2.0"
 
-_SUBMODULES = ("linen", "nnx", "interop")
+_SUBMODULES = ("linen", "nnx", "equinox", "haiku", "interop")
 
 
-def __getattr__(name: str) -> object:  # lazy: `import jaxbn` stays light (no Flax), `jaxbn.linen` still works
+def __getattr__(name: str) -> object:  # lazy: `import jaxbn` loads no framework, `jaxbn.linen` still works
     import importlib
 
     if name in _SUBMODULES:

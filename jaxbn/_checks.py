@@ -83,26 +83,65 @@ def check_feature_array(
     return value
 
 
-def check_mask(mask: ArrayLike | None, x_shape: Sequence[int]) -> jax.Array | None:
-    """Returns `mask` as a bool array of x's rank; raises if it does not broadcast to x."""
+def check_broadcast(
+    value: ArrayLike, name: str, shape: Sequence[int], *, target: str = "x", hint: str = ""
+) -> jax.Array:
+    """`value` as an array of the rank of `shape`; a ValueError unless it broadcasts to `shape`.
+
+    numpy's broadcasting rule, spelled out (leading 1s added) so that
+    code run with rank promotion "raise" accepts the result.
+
+    Args:
+      value: the array to check (a mask, haiku's call-time `scale`, ...).
+      name: its argument name, for the message.
+      shape: the shape it must broadcast to.
+      target: what `shape` is, for the message ("x", "inputs", "the example x").
+      hint: appended to the message (the framework's fix).
+
+    >>> check_broadcast(jnp.ones(3), "scale", (2, 3)).shape
+    (1, 3)
+    >>> check_broadcast(jnp.ones(4), "scale", (5, 3), target="inputs")
+    Traceback (most recent call last):
+    ValueError: scale of shape (4,) does not broadcast to inputs of shape (5, 3)
+    """
+    value = jnp.asarray(value)
+    shape = tuple(shape)
+    ok = value.ndim <= len(shape) and all(v in (1, s) for v, s in zip(value.shape[::-1], shape[::-1], strict=False))
+    if not ok:
+        raise ValueError(f"{name} of shape {value.shape} does not broadcast to {target} of shape {shape}{hint}")
+    return value.reshape((1,) * (len(shape) - value.ndim) + value.shape)
+
+
+def check_mask(
+    mask: ArrayLike | None, x_shape: Sequence[int], *, target: str = "x", hint: str = ""
+) -> jax.Array | None:
+    """`mask` as a bool array of x's rank, or None; the one mask check of every entry point.
+
+    Bool and integer (0/1) masks are accepted, floating and complex ones
+    refused (a weight array is not a mask). `target` and `hint` name the
+    framework's input in the message, as in `check_broadcast`.
+
+    Raises:
+      TypeError: a floating-point or complex mask.
+      ValueError: a mask that does not broadcast to `x_shape`.
+
+    >>> check_mask(jnp.array([1, 0]), (2, 3)).tolist()
+    Traceback (most recent call last):
+    ValueError: mask of shape (2,) does not broadcast to x of shape (2, 3)
+    >>> check_mask(jnp.array([[1], [0]]), (2, 3)).tolist()
+    [[True], [False]]
+    """
     if mask is None:
         return None
     mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        if jnp.issubdtype(mask.dtype, jnp.floating) or jnp.issubdtype(mask.dtype, jnp.complexfloating):
-            raise TypeError(
-                f"mask must be a boolean (or integer 0/1) array, got dtype {mask.dtype}; "
-                "use mask > 0 for a weight array"
-            )
-        mask = mask != 0
-    ok = mask.ndim <= len(x_shape) and all(
-        m in (1, s) for m, s in zip(mask.shape[::-1], tuple(x_shape)[::-1], strict=False)
-    )
-    if not ok:
-        raise ValueError(
-            f"mask of shape {mask.shape} does not broadcast to x of shape {tuple(x_shape)}"
+    if jnp.issubdtype(mask.dtype, jnp.inexact):
+        raise TypeError(
+            f"mask must be a boolean array, got dtype {mask.dtype} with shape {mask.shape}; use mask > 0 for a "
+            "weight array (integer 0/1 masks are accepted too)"
         )
-    return mask.reshape((1,) * (len(x_shape) - mask.ndim) + mask.shape)
+    if mask.dtype != jnp.bool_:
+        mask = mask != 0
+    return check_broadcast(mask, "mask", x_shape, target=target, hint=hint)
 
 
 def check_momentum(momentum: object, *, torch: bool = False) -> None:

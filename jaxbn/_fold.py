@@ -163,7 +163,7 @@ def fold(
     assert var_ is not None
 
     # Arithmetic in at least float32; complex only where a complex value comes in: the mixed real/complex
-    # products are meant, so they run under standard promotion also in strict-promotion sessions.
+    # products are meant, so they run under standard promotion also under strict promotion.
     with jax.numpy_dtype_promotion("standard"):
         given = (v.dtype for v in (mean, var_, scale_, bias_, bn_bias_) if v is not None)
         dt = jnp.result_type(jnp.float32, kernel.dtype, *given)

@@ -1,127 +1,137 @@
 """The framework modules' forward pass, shared by the wrappers.
 
 One copy, used by `jaxbn.linen`, `jaxbn.nnx` and `jaxbn.equinox`, on top
-of the functional core (`jaxbn.batch_norm`,
-`jaxbn.batch_renorm`, `jaxbn.normalize`): the renorm dispatch and the
-flax-compatible handling of one value per feature. The dtype policy lives in
-`jaxbn._dtypes`, ghost batches in `jaxbn._ghost`, precise BN in
+of the functional core (`jaxbn.batch_norm`, `jaxbn.batch_renorm`,
+`jaxbn.normalize`): the module options (`Options`, validated once when a
+wrapper builds them), the renorm dispatch and the flax-compatible handling
+of one value per feature. `forward` validates its input once and then
+enters the functional core below its argument checks. The dtype policy
+lives in `jaxbn._dtypes`, ghost batches in `jaxbn._ghost`, precise BN in
 `jaxbn._recompute`.
 """
 
 from __future__ import annotations
 
-from typing import TypedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn._checks import Axes, AxisIndexGroups, AxisName, check_mask, check_momentum, check_virtual_batch_size
+from jaxbn._checks import (
+    Axes,
+    AxisIndexGroups,
+    AxisName,
+    check_epsilon,
+    check_input,
+    check_momentum,
+    check_renorm_clips,
+    check_virtual_batch_size,
+)
 from jaxbn._dtypes import output_dtype
 from jaxbn._ghost import GhostBatches
 from jaxbn._layout import Layout
-from jaxbn._norm import batch_norm, batch_renorm, normalize
+from jaxbn._norm import _normalize, _Prepared, check_real, train_norm, train_renorm
 from jaxbn._running import RunningStats
 
 
-class _TrainOptions(TypedDict, total=False):
-    momentum: float | None
-    epsilon: float
-    axis_index_groups: AxisIndexGroups
-    unbiased: bool
-    dtype: DTypeLike
+def _as_tuple(value: object) -> object:
+    """A list (or other non-string sequence) as a tuple, recursively: the options stay hashable."""
+    if isinstance(value, Sequence) and not isinstance(value, str | tuple):
+        value = tuple(value)
+    if isinstance(value, tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
 
 
-def check_options(*, momentum: object, virtual_batch_size: object) -> None:
-    """Validates the module options that the functional core may not see before training.
+@dataclass(frozen=True)
+class Options:
+    """A batch-norm module's normalization options, validated once when built.
 
-    >>> check_options(momentum="0.9", virtual_batch_size=None)
+    Each wrapper builds one from its fields (Linen), attributes (NNX) or
+    constructor arguments (equinox) and hands it to `forward`. The defaults
+    are the modules' (flax's, plus jaxbn's renorm clips). Sequences are
+    stored as tuples, so an `Options` is hashable (a static `jax.jit`
+    argument).
+
+    Attributes:
+      axis: the feature axis or axes.
+      momentum: EMA decay in [0, 1], or None for the cumulative average.
+      epsilon: added to the variance, > 0.
+      axis_name: the axis name(s) to synchronize the moments across.
+      axis_index_groups: `jax.lax.psum`'s groups.
+      dtype: the module's output dtype (see `jaxbn._dtypes.output_dtype`).
+      renorm: Batch Renormalization in training.
+      renorm_r_max: the clip of renorm's r, >= 1 (checked when `renorm`).
+      renorm_d_max: the clip of renorm's d, >= 0 (checked when `renorm`).
+      virtual_batch_size: ghost batch size (see `jaxbn._ghost`), or None.
+      unbiased: store the unbiased batch variance.
+
+    Raises:
+      TypeError, ValueError: the argument checks of `jaxbn.batch_norm`
+        (momentum, epsilon, renorm clips) and of `virtual_batch_size`.
+
+    >>> Options(momentum="0.9")
     Traceback (most recent call last):
     TypeError: momentum must be a float in [0, 1] or None, got '0.9'
+    >>> Options(axis=[1, 2], axis_index_groups=[[0, 1], [2, 3]]).axis_index_groups
+    ((0, 1), (2, 3))
     """
-    check_momentum(momentum)
-    check_virtual_batch_size(virtual_batch_size)
 
+    axis: Axes = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    axis_name: AxisName = None
+    axis_index_groups: AxisIndexGroups = None
+    dtype: DTypeLike | None = None
+    renorm: bool = False
+    renorm_r_max: float = 3.0
+    renorm_d_max: float = 5.0
+    virtual_batch_size: int | None = None
+    unbiased: bool = False
 
-def _train(
-    x: jax.Array,
-    stats: RunningStats,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
-    *,
-    axes: tuple[int, ...],
-    mask: jax.Array | None,
-    axis_name: AxisName,
-    renorm: tuple[float, float] | None,
-    options: _TrainOptions,
-) -> tuple[jax.Array, RunningStats]:
-    """One training call of the functional core on canonical feature axes.
-
-    `renorm` is None for batch norm, `(r_max, d_max)` for batch renorm.
-
-    With one value per feature (and no `axis_name`) the core refuses to
-    train; flax does not, so the input is seen twice along a new reduced
-    axis: the moments (mean = x, var = 0), the output and its gradients are
-    exactly those of the single value.
-    """
-    if axis_name is None and Layout.of(x.shape, axes).reduced_size <= 1:
-        y2, new = _train(
-            jnp.stack([x, x]), stats, scale, bias, axes=tuple(a + 1 for a in axes), mask=mask,
-            axis_name=axis_name, renorm=renorm, options=options,
-        )
-        return y2[0], new
-    if renorm is not None:
-        r_max, d_max = renorm
-        return batch_renorm(x, stats, scale, bias, training=True, axis=axes, axis_name=axis_name, mask=mask,
-                            r_max=r_max, d_max=d_max, **options)
-    return batch_norm(x, stats, scale, bias, training=True, axis=axes, axis_name=axis_name, mask=mask, **options)
+    def __post_init__(self) -> None:
+        for name in ("axis", "axis_name", "axis_index_groups"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        check_momentum(self.momentum)
+        check_epsilon(self.epsilon)
+        check_virtual_batch_size(self.virtual_batch_size)
+        if self.renorm:
+            check_renorm_clips(self.renorm_r_max, self.renorm_d_max)
 
 
 def forward(
-    x: jax.Array,
+    x: ArrayLike,
     stats: RunningStats,
     scale: jax.Array | None,
     bias: jax.Array | None,
     *,
+    options: Options,
     training: bool,
-    initializing: bool,
-    axis: Axes,
-    momentum: float | None,
-    epsilon: float,
-    axis_name: AxisName,
-    axis_index_groups: AxisIndexGroups,
-    mask: ArrayLike | None,
-    dtype: DTypeLike | None,
-    renorm: bool,
-    renorm_r_max: float,
-    renorm_d_max: float,
-    virtual_batch_size: int | None,
-    unbiased: bool,
+    initializing: bool = False,
+    mask: jax.Array | None = None,
     inference_stats: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, RunningStats]:
     """A module's forward pass: `(y, new_stats)`.
+
+    `x`, the statistics and the parameters are validated here, once (the
+    options when they were built, the mask by the wrapper), and the
+    functional core is entered below its own checks.
 
     Args:
       x: float input (see `jaxbn._dtypes.as_float`), shape (..., features, ...).
       stats: the running statistics (`count` is ignored unless momentum is None).
       scale: feature-shaped parameter or None.
       bias: feature-shaped parameter or None.
+      options: the module's options.
       training: normalize with batch moments and return updated stats.
       initializing: flax's `init`: `axis_name` is not used and a ghost batch
         that does not divide the batch falls back to whole-batch moments.
         (The caller does not store the returned stats then.)
-      axis: the feature axis or axes.
-      momentum: EMA decay, or None for the cumulative average.
-      epsilon: added to the variance.
-      axis_name: the axis name(s) to synchronize the moments across.
-      axis_index_groups: `jax.lax.psum`'s groups.
-      mask: bool array broadcastable to `x`, or None.
-      dtype: the module's output dtype (see `jaxbn._dtypes.output_dtype`).
-      renorm: Batch Renormalization in training.
-      renorm_r_max: the clip of renorm's r.
-      renorm_d_max: the clip of renorm's d.
-      virtual_batch_size: ghost batch size (see `jaxbn._ghost`), or None.
-      unbiased: store the unbiased batch variance.
+      mask: None, or a mask the wrapper has checked with `check_mask` (bool,
+        x's rank) and its own message.
       inference_stats: (mean, var) to normalize with in inference, when the
         wrapper transforms them (NNX's `promote_dtype`); default `stats`.
 
@@ -129,29 +139,63 @@ def forward(
       `(y, new_stats)`, `y` of x's shape; in inference `new_stats` is `stats`.
 
     >>> import jaxbn
-    >>> y, new = forward(jnp.array([[0.0], [2.0]]), jaxbn.init_stats(1), None, None, training=True,
-    ...                  initializing=False, axis=-1, momentum=0.5, epsilon=1e-5, axis_name=None,
-    ...                  axis_index_groups=None, mask=None, dtype=None, renorm=False, renorm_r_max=3.0,
-    ...                  renorm_d_max=5.0, virtual_batch_size=None, unbiased=False)
+    >>> y, new = forward(jnp.array([[0.0], [2.0]]), jaxbn.init_stats(1), None, None,
+    ...                  options=Options(momentum=0.5), training=True)
     >>> y.round(2).tolist(), new.mean.tolist(), new.var.tolist()
     ([[-1.0], [1.0]], [0.5], [1.0])
     """
-    out_dtype = output_dtype(x, scale, bias, dtype)
+    x = check_input(x)
+    lay = Layout.of(x.shape, options.axis)
+    mean, var = lay.check(stats.mean, "stats.mean"), lay.check(stats.var, "stats.var")
+    assert mean is not None and var is not None
+    stats = RunningStats(mean, var, jnp.asarray(stats.count))
+    scale, bias = lay.check(scale, "scale"), lay.check(bias, "bias")
+    out_dtype = output_dtype(x, scale, bias, options.dtype)
     if not training:
-        mean, var = inference_stats if inference_stats is not None else (stats.mean, stats.var)
-        return normalize(x, mean, var, scale, bias, axis=axis, epsilon=epsilon, dtype=out_dtype), stats
-    if initializing:
-        axis_name = None
-    layout = Layout.of(x.shape, axis)
-    options = _TrainOptions(momentum=momentum, epsilon=epsilon, axis_index_groups=axis_index_groups,
-                            unbiased=unbiased, dtype=out_dtype)
-    clips = (renorm_r_max, renorm_d_max) if renorm else None
-    checked_mask = check_mask(mask, x.shape)
-    ghosts = GhostBatches.of(layout, virtual_batch_size, initializing)
+        if inference_stats is not None:
+            mean, var = lay.check(inference_stats[0], "mean"), lay.check(inference_stats[1], "var")
+            assert mean is not None and var is not None
+        return _normalize(x, lay, mean, var, scale, bias, options.epsilon, out_dtype), stats
+    if options.renorm:
+        check_real(x)
+    axis_name = None if initializing else options.axis_name
+    ghosts = GhostBatches.of(lay, options.virtual_batch_size, initializing)
     if ghosts is None:
-        return _train(x, stats, scale, bias, axes=layout.feature_axes, mask=checked_mask, axis_name=axis_name,
-                      renorm=clips, options=options)
-    y, new = _train(ghosts.split(x), ghosts.tile_stats(stats), ghosts.tile(scale), ghosts.tile(bias),
-                    axes=ghosts.axes, mask=ghosts.split_mask(checked_mask), axis_name=axis_name, renorm=clips,
-                    options=options)
+        return _train(x, lay, stats, scale, bias, mask, axis_name, options, out_dtype)
+    grouped = ghosts.split(x)
+    y, new = _train(grouped, Layout.of(grouped.shape, ghosts.axes), ghosts.tile_stats(stats), ghosts.tile(scale),
+                    ghosts.tile(bias), ghosts.split_mask(mask), axis_name, options, out_dtype)
     return ghosts.merge(y, new)
+
+
+def _train(
+    x: jax.Array,
+    lay: Layout,
+    stats: RunningStats,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    axis_name: AxisName,
+    options: Options,
+    out_dtype: np.dtype,
+) -> tuple[jax.Array, RunningStats]:
+    """One training call of the functional core on validated arguments.
+
+    With one value per feature (and no `axis_name`) the core refuses to
+    train; flax does not, so the input is seen twice along a new reduced
+    axis: the moments (mean = x, var = 0), the output and its gradients are
+    exactly those of the single value.
+    """
+    if axis_name is None and lay.reduced_size <= 1:
+        twice = jnp.stack([x, x])
+        y2, new = _train(
+            twice, Layout.of(twice.shape, tuple(a + 1 for a in lay.feature_axes)), stats, scale, bias,
+            None if mask is None else mask[None], axis_name, options, out_dtype,
+        )
+        return y2[0], new
+    call = _Prepared.checked(x, lay, stats, scale, bias, mask)
+    o = options
+    if o.renorm:
+        return train_renorm(call, o.renorm_r_max, o.renorm_d_max, o.momentum, o.epsilon, axis_name,
+                            o.axis_index_groups, o.unbiased, "auto", out_dtype)
+    return train_norm(call, o.momentum, o.epsilon, axis_name, o.axis_index_groups, o.unbiased, "auto", out_dtype)

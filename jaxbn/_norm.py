@@ -48,8 +48,10 @@ def normalize(
 
     Args:
       x: input, shape (..., features, ...), float or complex.
-      mean, var: feature-shaped statistics.
-      scale, bias: optional feature-shaped affine parameters.
+      mean: feature-shaped mean.
+      var: feature-shaped variance.
+      scale: optional feature-shaped scale (None: no scaling).
+      bias: optional feature-shaped offset (None: no offset).
       axis: feature axis or tuple of feature axes.
       epsilon: added to `var`, > 0.
       dtype: output dtype (default: x's dtype). Arithmetic is done in at
@@ -114,6 +116,20 @@ class _Prepared:
         self.stats = RunningStats(mean_, var_, jnp.asarray(count))
         self.scale, self.bias = lay.check(scale, "scale"), lay.check(bias, "bias")
         self.mask = check_mask(mask, self.x.shape)
+
+    @classmethod
+    def checked(
+        cls, x: jax.Array, lay: Layout, stats: RunningStats, scale: jax.Array | None, bias: jax.Array | None,
+        mask: jax.Array | None,
+    ) -> _Prepared:
+        """A call from arguments validated by the caller (the module core): nothing is checked again.
+
+        `stats`, `scale` and `bias` are feature-shaped for `lay`, `mask` of
+        x's rank (`check_mask`), `x` floating or complex.
+        """
+        call = cls.__new__(cls)
+        call.x, call.lay, call.stats, call.scale, call.bias, call.mask = x, lay, stats, scale, bias, mask
+        return call
 
     def inference(self, epsilon: float, out_dtype: np.dtype) -> tuple[jax.Array, RunningStats]:
         s = self.stats
@@ -191,7 +207,8 @@ def batch_norm(
     Args:
       x: input, shape (..., features, ...), float or complex.
       stats: `RunningStats` of the feature shape (`init_stats`).
-      scale, bias: optional feature-shaped affine parameters.
+      scale: optional feature-shaped scale (None: no scaling).
+      bias: optional feature-shaped offset (None: no offset).
       training: use batch statistics and update `stats`.
       axis: feature axis or tuple of feature axes (NCHW: `axis=1`).
       momentum: EMA decay in [0, 1] (flax convention; PyTorch 0.1 == 0.9),
@@ -224,8 +241,7 @@ def batch_norm(
     out_dtype = _out_dtype(call.x, dtype)
     if not training:
         return call.inference(epsilon, out_dtype)
-    y, n, mean, var = call.train(epsilon, axis_name, axis_index_groups, strategy, out_dtype)
-    return y, call.updated(n, mean, var, momentum, unbiased)
+    return train_norm(call, momentum, epsilon, axis_name, axis_index_groups, unbiased, strategy, out_dtype)
 
 
 def normalize_batch(
@@ -300,12 +316,35 @@ def batch_renorm(
     [[-1.0], [1.0]]
     """
     call = _Prepared(x, stats, scale, bias, axis, momentum, epsilon, mask)
-    if jnp.iscomplexobj(call.x):
-        raise TypeError(f"batch_renorm takes real inputs, got x of dtype {call.x.dtype}; use batch_norm for complex x")
+    check_real(call.x)
     check_renorm_clips(r_max, d_max)
     out_dtype = _out_dtype(call.x, dtype)
     if not training:
         return call.inference(epsilon, out_dtype)
+    return train_renorm(call, r_max, d_max, momentum, epsilon, axis_name, axis_index_groups, unbiased, strategy,
+                        out_dtype)
+
+
+def check_real(x: jax.Array) -> None:
+    """Batch renorm's input must be real."""
+    if jnp.iscomplexobj(x):
+        raise TypeError(f"batch_renorm takes real inputs, got x of dtype {x.dtype}; use batch_norm for complex x")
+
+
+def train_norm(
+    call: _Prepared, momentum: float | None, epsilon: float, axis_name: AxisName, groups: AxisIndexGroups,
+    unbiased: bool, strategy: Strategy, out_dtype: np.dtype,
+) -> tuple[jax.Array, RunningStats]:
+    """`batch_norm`'s training branch on a validated call."""
+    y, n, mean, var = call.train(epsilon, axis_name, groups, strategy, out_dtype)
+    return y, call.updated(n, mean, var, momentum, unbiased)
+
+
+def train_renorm(
+    call: _Prepared, r_max: float, d_max: float, momentum: float | None, epsilon: float, axis_name: AxisName,
+    axis_index_groups: AxisIndexGroups, unbiased: bool, strategy: Strategy, out_dtype: np.dtype,
+) -> tuple[jax.Array, RunningStats]:
+    """`batch_renorm`'s training branch on a validated real call (clips checked)."""
     lay = call.lay
     over, n, mean, var = call.batch_moments(axis_name, axis_index_groups, strategy)
     rstd = lax.rsqrt(var + epsilon)

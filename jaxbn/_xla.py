@@ -10,7 +10,7 @@ writes it to memory for both readers, e.g. (bf16 input)::
     %r1 = f32[64] reduce(%convert, ...), to_apply=add
     %r2 = f32[64] reduce(multiply(%convert, %convert), ...)
 
-The helpers below make the readers' expressions distinct values, so each
+The functions below make the readers' expressions distinct values, so each
 reduction keeps its own fused convert/subtract and nothing full-size is
 written. They change no value.
 """

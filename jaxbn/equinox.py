@@ -36,10 +36,13 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import jaxbn
+from jaxbn._checks import check_mask
 from jaxbn._dtypes import output_dtype, promote
-from jaxbn._module_core import forward
+from jaxbn._module_core import Options, forward
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "freeze"]
+
+_MASK_HINT = "; BatchNorm sees one example (input_size, *spatial): map the mask with x under jax.vmap"
 
 _LEGACY_WARNING = (
     "When `eqx.nn.BatchNorm(..., mode=...)` is unspecified it defaults to "
@@ -237,11 +240,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 f"got shape {x.shape}; call BatchNorm per example, inside "
                 f"jax.vmap(..., axis_name={self.axis_name!r}) over the batch"
             )
-        mask_ = _check_mask(mask, x.shape)
+        mask_ = check_mask(mask, x.shape, target="the example x", hint=_MASK_HINT)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             x = x.astype(promote(x.dtype, _default_float()))
         out_dtype = output_dtype(x, self.weight, self.bias, None)
-        config = _Config(bool(inference), self.momentum, self.eps, _axis_name(self.axis_name), out_dtype)
+        options = Options(axis=0, momentum=self.momentum, epsilon=self.eps, axis_name=self.axis_name, dtype=out_dtype)
+        config = _Config(bool(inference), options)
         if self.mode == "batch":
             assert self.batch_counter is not None and self.batch_state_index is not None
             counter = state.get(self.batch_counter)
@@ -271,13 +275,10 @@ _State = tuple[Array, Array, Array]
 
 
 class _Config(NamedTuple):
-    """A call's static options (hashable: jit's static argument)."""
+    """A call's static options (hashable: jit's static argument); `options.dtype` is the output dtype."""
 
     inference: bool
-    momentum: float
-    eps: float
-    axis_name: Hashable
-    out_dtype: np.dtype
+    options: Options
 
 
 @partial(jax.jit, static_argnames=("mode", "config"))
@@ -295,11 +296,8 @@ def _apply(
 def _batch_mode(x: Array, w: Array | None, b: Array | None, mask: Array | None, state: _State, c: _Config) -> tuple:
     """"batch" mode: batch moments in training (the Flax modules' forward pass), running stats in inference."""
     counter, mean, var = state
-    y, new = forward(
-        x, jaxbn.RunningStats(mean, var, counter), w, b, training=not c.inference, initializing=False, axis=0,
-        momentum=c.momentum, epsilon=c.eps, axis_name=c.axis_name, axis_index_groups=None, mask=mask,
-        dtype=c.out_dtype, renorm=False, renorm_r_max=3.0, renorm_d_max=5.0, virtual_batch_size=None, unbiased=False,
-    )
+    y, new = forward(x, jaxbn.RunningStats(mean, var, counter), w, b, options=c.options, training=not c.inference,
+                     mask=mask)
     # `counter + Python int` keeps the counter's weak type, as equinox's `counter + 1` does.
     new_counter = counter + jnp.where(new.count > counter, 1, 0)
     return y, (new_counter, new.mean.astype(mean.dtype), new.var.astype(var.dtype))
@@ -308,38 +306,44 @@ def _batch_mode(x: Array, w: Array | None, b: Array | None, mask: Array | None, 
 def _ema_mode(x: Array, w: Array | None, b: Array | None, mask: Array | None, state: _State, c: _Config) -> tuple:
     """"ema" mode: normalize with the running stats after folding in this batch (training) or as they are."""
     first_time, mean, var = state
+    o = c.options
     if not c.inference:
-        batch = jaxbn.moments(x, axis=0, mask=mask, axis_name=c.axis_name)
+        batch = jaxbn.moments(x, axis=0, mask=mask, axis_name=o.axis_name)
         stats = jaxbn.RunningStats(mean, var, jnp.zeros((), jnp.int32))
         # The first training call takes the batch moments as they are.
-        ema = jaxbn.update_stats(stats, batch, momentum=c.momentum)
+        ema = jaxbn.update_stats(stats, batch, momentum=o.momentum)
         first = jaxbn.update_stats(stats, batch, momentum=0.0)
         mean = jnp.where(first_time, first.mean, ema.mean)
         var = jnp.where(first_time, first.var, ema.var)
         # A batch that update_stats skips (all masked, not finite) does not use up the first time.
         first_time = jnp.logical_and(first_time, first.count == 0)
-    y = jaxbn.normalize(x, mean, var, w, b, axis=0, epsilon=c.eps, dtype=c.out_dtype)
+    y = jaxbn.normalize(x, mean, var, w, b, axis=0, epsilon=o.epsilon, dtype=o.dtype)
     return y, (first_time, mean, var)
 
 
-def _axis_name(axis_name: Hashable | Sequence[Hashable]) -> Hashable:
-    """equinox accepts a sequence (e.g. a list) of names; jaxbn takes a tuple."""
-    if isinstance(axis_name, Sequence) and not isinstance(axis_name, str):
-        return tuple(axis_name)
-    return axis_name
+def freeze(model: eqx.Module) -> eqx.Module:
+    """`model` with every `jaxbn.equinox.BatchNorm` in inference: fine-tuning on the running statistics.
 
+    Fine-tuning with frozen batch norms (torchvision's / detectron2's
+    `FrozenBatchNorm2d`, praxis' `force_eval_mode`): the returned copy's
+    jaxbn BatchNorm layers have `inference=True`, so they normalize with the
+    running statistics and return the state unchanged, while every other
+    layer keeps its own `inference` (unlike `eqx.nn.inference_mode`, which
+    also turns dropout off). The statistics live in the `eqx.nn.State`, which
+    `eqx.filter_grad` does not differentiate; to freeze the layers' `weight`
+    and `bias` as well, leave them out of the filter you differentiate.
 
-def _check_mask(mask: ArrayLike | None, shape: tuple[int, ...]) -> Array | None:
-    """The mask as a bool array; it must broadcast to the example's shape."""
-    if mask is None:
-        return None
-    m = jnp.asarray(mask)
-    if jnp.issubdtype(m.dtype, jnp.inexact):
-        raise TypeError(f"mask must be a boolean array, got dtype {m.dtype} with shape {m.shape}; use mask > 0")
-    ok = m.ndim <= len(shape) and all(a in (1, b) for a, b in zip(m.shape[::-1], shape[::-1], strict=False))
-    if not ok:
-        raise ValueError(
-            f"mask of shape {m.shape} does not broadcast to the example x of shape {shape}; "
-            "BatchNorm sees one example (input_size, *spatial): map the mask with x under jax.vmap"
-        )
-    return m.astype(jnp.bool_)
+    Args:
+      model: a pytree of equinox modules containing `jaxbn.equinox.BatchNorm` layers.
+
+    Returns:
+      A copy of `model` whose jaxbn BatchNorm layers have `inference=True`.
+
+    >>> import equinox as eqx, jax.numpy as jnp, jaxbn.equinox
+    >>> bn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(1, "batch", mode="batch")
+    >>> y, same = jaxbn.equinox.freeze(bn)(jnp.array([3.0]), state)
+    >>> y.round(3).tolist(), same.get(bn.batch_counter).tolist()
+    ([3.0], 0)
+    """
+    is_bn = lambda m: isinstance(m, BatchNorm)  # noqa: E731
+    return jax.tree.map(lambda m: eqx.tree_at(lambda b: b.inference, m, True) if is_bn(m) else m, model, is_leaf=is_bn)

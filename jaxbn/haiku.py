@@ -29,8 +29,11 @@ import it.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import haiku as hk
 import jax
@@ -38,23 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbn._checks import check_broadcast, check_mask
 from jaxbn._dtypes import as_float, promote
 from jaxbn._norm import normalize, normalize_batch
 from jaxbn._running import contributes, stats_dtype
 from jaxbn._stats import moments
 
-__all__ = ["BatchNorm"]
-
-
-def _broadcastable(value: jax.typing.ArrayLike, name: str, shape: tuple[int, ...]) -> jax.Array:
-    """`value` reshaped to the rank of `shape` (numpy's broadcasting rule, spelled out for rank "raise")."""
-    value = jnp.asarray(value)
-    ok = value.ndim <= len(shape) and all(
-        v in (1, s) for v, s in zip(value.shape[::-1], shape[::-1], strict=False)
-    )
-    if not ok:
-        raise ValueError(f"{name} of shape {value.shape} does not broadcast to inputs of shape {shape}")
-    return value.reshape((1,) * (len(shape) - value.ndim) + value.shape)
+__all__ = ["BatchNorm", "freeze"]
 
 
 class _GuardedEMA(hk.ExponentialMovingAverage):
@@ -222,6 +215,7 @@ class BatchNorm(hk.Module):
         if self.create_offset and offset is not None:
             raise ValueError("Cannot pass `offset` at call time if `create_offset=True`.")
         x = jnp.asarray(inputs)
+        mask = check_mask(mask, x.shape, target="inputs")
         reduced = self._reduced_axes(x.ndim)
         w_shape = tuple(1 if i in reduced else d for i, d in enumerate(x.shape))
         x_float = as_float(x)  # integers promoted as haiku's jnp.mean promotes them
@@ -232,7 +226,7 @@ class BatchNorm(hk.Module):
         xs = x_float  # the core computes in >= float32 itself: no full-size float32 copy of a bf16 x
         if not feat:
             xs, feat = xs[..., None], (x.ndim,)
-            mask = None if mask is None else jnp.asarray(mask)[..., None]
+            mask = None if mask is None else mask[..., None]
         fshape = tuple(xs.shape[a] for a in feat)
 
         if self.create_scale:
@@ -273,7 +267,67 @@ class BatchNorm(hk.Module):
         y = y.reshape(x.shape)
         if not fused:
             if scale is not None:
-                y = y * _broadcastable(scale, "scale", x.shape).astype(y.dtype)
+                y = y * check_broadcast(scale, "scale", x.shape, target="inputs").astype(y.dtype)
             if offset is not None:
-                y = y + _broadcastable(offset, "offset", x.shape).astype(y.dtype)
+                y = y + check_broadcast(offset, "offset", x.shape, target="inputs").astype(y.dtype)
         return y.astype(out_dtype)
+
+
+def _frozen_call(
+    affine: bool, next_f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], context: hk.MethodContext
+) -> Any:
+    """A method interceptor: a jaxbn BatchNorm call runs with `is_training=False` (see `freeze`)."""
+    if not (isinstance(context.module, BatchNorm) and context.method_name == "__call__") or hk.running_init():
+        return next_f(*args, **kwargs)  # `init` runs as written: haiku's averages are created by an update
+    bound = inspect.signature(BatchNorm.__call__).bind(context.module, *args, **kwargs)
+    bound.arguments["is_training"] = False
+    bound.arguments["test_local_stats"] = False
+    call_args = bound.args[1:]  # without `self`: next_f is the bound method
+    if affine:
+        return next_f(*call_args, **bound.kwargs)
+    with hk.custom_getter(lambda next_getter, value, ctx: lax.stop_gradient(next_getter(value))):
+        return next_f(*call_args, **bound.kwargs)
+
+
+def freeze(fn: Callable[..., Any], *, affine: bool = True) -> Callable[..., Any]:
+    """`fn` with every `jaxbn.haiku.BatchNorm` run on its moving averages: fine-tuning with frozen batch norms.
+
+    torchvision's / detectron2's `FrozenBatchNorm2d` and praxis'
+    `force_eval_mode`: inside the returned function every jaxbn BatchNorm
+    call runs with `is_training=False` and `test_local_stats=False` whatever
+    the model passes, so it normalizes with `mean_ema` / `var_ema` and never
+    updates them; the rest of the model trains as asked. The averages are
+    haiku state, which is not differentiated (`jax.grad` over the params).
+    `haiku.BatchNorm` layers are not affected.
+
+    Wrap the forward function *before* `hk.transform_with_state` (the
+    layers are frozen while it runs inside the transform). `init` runs
+    unfrozen, as haiku creates the averages with the first update; a
+    pretrained model's state comes from its checkpoint anyway.
+
+    Args:
+      fn: a function that runs haiku modules (your forward function).
+      affine: whether the layers' own `scale` and `offset` stay trainable
+        (True) or get a zero gradient too (False).
+
+    Returns:
+      A function with `fn`'s signature.
+
+    >>> import haiku as hk, jax, jax.numpy as jnp, jaxbn.haiku
+    >>> def net(x, is_training):
+    ...     return jaxbn.haiku.BatchNorm(True, True, 0.9)(x, is_training)
+    >>> f = hk.transform_with_state(jaxbn.haiku.freeze(net))
+    >>> params, state = f.init(None, jnp.array([[-1.0], [1.0]]), True)   # averages: mean 0, var 1
+    >>> y, new_state = f.apply(params, state, None, jnp.array([[3.0], [5.0]]), True)
+    >>> bool(jnp.allclose(y, jnp.array([[3.0], [5.0]]), atol=1e-4))
+    True
+    >>> jax.tree.all(jax.tree.map(jnp.array_equal, new_state, state))   # the averages are not updated
+    True
+    """
+
+    @functools.wraps(fn)
+    def frozen(*args: Any, **kwargs: Any) -> Any:
+        with hk.intercept_methods(functools.partial(_frozen_call, affine)):
+            return fn(*args, **kwargs)
+
+    return frozen

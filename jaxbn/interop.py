@@ -1,4 +1,4 @@
-"""Interchange with PyTorch, and deployment helpers.
+"""Interchange with PyTorch, and deployment utilities.
 
 PyTorch's ``BatchNorm1d/2d/3d`` keep ``weight``, ``bias`` (when
 ``affine=True``), ``running_mean``, ``running_var`` and

@@ -8,6 +8,7 @@ unbiased running variance and `momentum=None` (cumulative average).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -21,19 +22,22 @@ from flax.typing import Initializer, VariableDict
 from jax.nn import initializers
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn._checks import AxisIndexGroups, AxisName
+from jaxbn._checks import AxisIndexGroups, AxisName, check_mask
 from jaxbn._dtypes import as_float
 from jaxbn._layout import Layout
-from jaxbn._module_core import check_options, forward
+from jaxbn._module_core import Options, forward
 from jaxbn._recompute import PRECISE_COLLECTION, BatchMoments, batch_moments, population_stats
 from jaxbn._running import RunningStats
 
-__all__ = ["BatchNorm", "recompute_batch_stats"]
+__all__ = ["BatchNorm", "freeze", "recompute_batch_stats"]
 
 _LIFTED = (
     "a lifted transform (nn.scan, nn.vmap, ...) around them must list the collection "
     f"{PRECISE_COLLECTION!r} in variable_axes, e.g. variable_axes={{True: 0}}"
 )
+
+# Set by `freeze` around each jaxbn BatchNorm call it intercepts: None, "stats" or "all" (affine too).
+_FROZEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxbn_linen_frozen", default=None)
 
 # A collection no jaxbn code ever names: mutable only under `mutable=True`.
 _ANY_COLLECTION = "jaxbn_any_collection_probe"
@@ -140,13 +144,19 @@ class BatchNorm(nn.Module):
           The normalized input, shape of `x`.
         """
         initializing = self.is_initializing()
-        collecting = not initializing and _collects_moments(self)
-        if not (collecting and self.use_running_average is None and use_running_average is None):
+        frozen = _FROZEN.get()
+        collecting = not initializing and not frozen and _collects_moments(self)
+        if not (collecting and self.use_running_average is None and use_running_average is None) and not frozen:
             use_running_average = nn.merge_param(
                 "use_running_average", self.use_running_average, use_running_average
             )
-        training = collecting or not use_running_average
-        check_options(momentum=self.momentum, virtual_batch_size=self.virtual_batch_size)
+        training = collecting or not (frozen or use_running_average)
+        options = Options(
+            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, renorm=self.renorm,
+            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
+            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
+        )
         x = as_float(x)
         fshape = Layout.of(x.shape, self.axis).feature_shape
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
@@ -159,13 +169,13 @@ class BatchNorm(nn.Module):
 
         count = ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32)
         stats = RunningStats(ra_mean.value, ra_var.value, count)
-        y, new = forward(
-            x, stats, scale, bias, training=training, initializing=initializing, axis=self.axis,
-            momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype, renorm=self.renorm,
-            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
-        )
+        if frozen:  # FrozenBatchNorm: the statistics are constants
+            stats = jax.lax.stop_gradient(stats)
+            if frozen == "all":
+                scale, bias = jax.lax.stop_gradient((scale, bias))
+        mask = check_mask(mask, x.shape)
+        y, new = forward(x, stats, scale, bias, options=options, training=training, initializing=initializing,
+                         mask=mask)
         if collecting:
             part = batch_moments(
                 x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
@@ -177,6 +187,63 @@ class BatchNorm(nn.Module):
             if ra_count is not None:
                 ra_count.value = new.count
         return y
+
+
+def _frozen_layer(
+    mode: str,
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: nn.module.InterceptorContext,
+) -> Any:
+    """A method interceptor that runs every jaxbn BatchNorm call frozen (see `freeze`)."""
+    if not (isinstance(context.module, BatchNorm) and context.method_name == "__call__"):
+        return next_fun(*args, **kwargs)
+    token = _FROZEN.set(mode)
+    try:
+        return next_fun(*args, **kwargs)
+    finally:
+        _FROZEN.reset(token)
+
+
+def freeze(apply_fn: Callable[..., Any], *, affine: bool = True) -> Callable[..., Any]:
+    """`apply_fn` with every `jaxbn.linen.BatchNorm` frozen: fine-tuning on the running statistics.
+
+    torchvision's / detectron2's `FrozenBatchNorm2d` and praxis'
+    `force_eval_mode`: inside the returned function every jaxbn BatchNorm
+    normalizes with its stored `mean` and `var` whatever `use_running_average`
+    (field or argument) says, never updates them (nothing is written to
+    `batch_stats`, so it need not be mutable) and stops their gradient. The
+    rest of the model runs as asked (dropout stays in training mode, say).
+    `flax.linen.BatchNorm` layers are not affected.
+
+    Call the returned function inside the function you differentiate or
+    jit (the layers are frozen while it traces them), not around an already
+    jitted function.
+
+    Args:
+      apply_fn: usually `model.apply`; any function that runs Linen modules.
+      affine: whether `scale` and `bias` stay trainable (True) or get a zero
+        gradient too (False).
+
+    Returns:
+      A function with `apply_fn`'s signature.
+
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> bn = jaxbn.linen.BatchNorm(use_running_average=False)
+    >>> v = bn.init(jax.random.key(0), jnp.zeros((2, 1)))
+    >>> v = {**v, 'batch_stats': {'mean': jnp.array([1.0]), 'var': jnp.array([4.0])}}
+    >>> jaxbn.linen.freeze(bn.apply)(v, jnp.array([[3.0], [5.0]])).round(3).tolist()
+    [[1.0], [2.0]]
+    """
+    mode = "stats" if affine else "all"
+
+    @functools.wraps(apply_fn)
+    def frozen(*args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(functools.partial(_frozen_layer, mode)):
+            return apply_fn(*args, **kwargs)
+
+    return frozen
 
 
 def _note_layer(

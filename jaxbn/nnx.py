@@ -20,13 +20,13 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Initializer
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn._checks import AxisIndexGroups, AxisName
+from jaxbn._checks import AxisIndexGroups, AxisName, check_mask
 from jaxbn._dtypes import as_float
-from jaxbn._module_core import check_options, forward
+from jaxbn._module_core import Options, forward
 from jaxbn._recompute import BatchMoments, batch_moments, population_stats
 from jaxbn._running import RunningStats
 
-__all__ = ["BatchNorm", "recompute_batch_stats"]
+__all__ = ["BatchNorm", "freeze", "recompute_batch_stats"]
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
@@ -130,7 +130,6 @@ class BatchNorm(nnx.Module):
         virtual_batch_size: int | None = None,
         unbiased: bool = False,
     ):
-        check_options(momentum=momentum, virtual_batch_size=virtual_batch_size)
         feature_shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
@@ -167,6 +166,7 @@ class BatchNorm(nnx.Module):
         self.virtual_batch_size = virtual_batch_size
         self.unbiased = unbiased
         self.collect_moments = False
+        self._options()  # bad options fail here, when the layer is built
 
     def __call__(
         self, x: ArrayLike, use_running_average: bool | None = None, *, mask: ArrayLike | None = None
@@ -192,7 +192,7 @@ class BatchNorm(nnx.Module):
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         raw_mean, raw_var = self.mean[...], self.var[...]
-        with jax.numpy_dtype_promotion("standard"):  # flax's promotion rule, also in strict-promotion sessions
+        with jax.numpy_dtype_promotion("standard"):  # flax's promotion rule, also under strict promotion
             promoted = self.promote_dtype((as_float(x), raw_mean, raw_var, scale, bias), dtype=self.dtype)
         x_, mean, var, promoted_scale, bias = (None if a is None else jnp.asarray(a) for a in promoted)
         assert x_ is not None and mean is not None and var is not None
@@ -200,13 +200,9 @@ class BatchNorm(nnx.Module):
             promoted_scale = jnp.real(promoted_scale)  # a real scale promoted to complex (dtype=complex64) is real
         scale = promoted_scale
         count = self.count[...] if self.momentum is None else jnp.zeros((), jnp.int32)
-        y, new = forward(
-            x_, RunningStats(raw_mean, raw_var, count), scale, bias, training=training, initializing=False,
-            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype, renorm=self.renorm,
-            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased, inference_stats=(mean, var),
-        )
+        mask = check_mask(mask, x_.shape)
+        y, new = forward(x_, RunningStats(raw_mean, raw_var, count), scale, bias, options=self._options(),
+                         training=training, mask=mask, inference_stats=(mean, var))
         if self.collect_moments:
             part = batch_moments(
                 x_, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
@@ -219,6 +215,15 @@ class BatchNorm(nnx.Module):
                 self.count[...] = new.count
         return y
 
+    def _options(self) -> Options:
+        """The options from the attributes as they are now (a view or the user may have changed them)."""
+        return Options(
+            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype, renorm=self.renorm,
+            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
+            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
+        )
+
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Class method used by ``nnx.view``.
 
@@ -228,6 +233,36 @@ class BatchNorm(nnx.Module):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+def freeze(model: nnx.Module) -> nnx.Module:
+    """A view of `model` whose `jaxbn.nnx.BatchNorm` layers run on their running statistics.
+
+    Fine-tuning with frozen batch norms (torchvision's / detectron2's
+    `FrozenBatchNorm2d`, praxis' `force_eval_mode`): every jaxbn BatchNorm of
+    the view has `use_running_average=True`, so it normalizes with `mean` and
+    `var` and never updates them; every other module keeps its mode
+    (dropout still trains). The view shares its variables with `model`,
+    which is not modified. Differentiate `nnx.Param` only (`nnx.grad`'s
+    default) and the statistics, `nnx.BatchStat`, get no gradient; leave the
+    layers' `scale` and `bias` out of the differentiated filter (or out of
+    the optimizer's `wrt`) to freeze them as well.
+
+    Args:
+      model: an NNX model containing `jaxbn.nnx.BatchNorm` layers.
+
+    Returns:
+      A view of `model` (`nnx.with_attributes`): call it, differentiate it,
+      optimize it; `model` is left in its own mode.
+
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+    >>> frozen = jaxbn.nnx.freeze(bn)
+    >>> frozen(jnp.array([[3.0], [5.0]])).round(3).tolist(), bn.mean[...].tolist()
+    ([[3.0], [5.0]], [0.0])
+    """
+    return nnx.with_attributes(model, only=BatchNorm, use_running_average=True)
 
 
 def _layers(model: nnx.Module) -> list[BatchNorm]:

@@ -52,7 +52,7 @@ def contributes(mean, var, n):
 
 
 def update(old_mean, old_var, count, mean, var, n, momentum=0.99, unbiased=False):
-    """One running-stat update, written from the definition (API.md v2).
+    """One running-stat update, written from the definition (docs/contract.md).
 
     EMA: new = momentum * old + (1 - momentum) * batch; momentum=None:
     new = old + (batch - old) / (count + 1). Features that do not contribute

@@ -1,10 +1,12 @@
-"""The layer benchmark (`python -m benchmarks layer`): structure only."""
+"""The layer benchmark (`python -m benchmarks layer`): report structure, figures known from hand-written programs."""
 
 import json
 import math
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import grid, layers, plot, report
@@ -35,7 +37,9 @@ def test_every_implementation_row_present(saved):
     assert got == want
     for r in saved["results"]:
         assert r["median_ms"] > 0 and len(r["times_ms"]) == saved["config"]["reps"]
-        assert r["speedup_vs_flax"] > 0 and r["vs_best_anchor"] > 0
+        for key in ("median_ms", "speedup_vs_flax", "vs_best_anchor"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert all(math.isfinite(t) and t > 0 for t in r["times_ms"])
         assert r["kernels"] >= 1 and r["bytes_accessed"] > 0 and r["temp_bytes"] >= 0
     for mode in layers.MODES:
         geo = saved["summary"]["geomean_speedup_vs_flax"][mode]
@@ -79,8 +83,9 @@ def test_table_and_plot(saved, tmp_path):
     text = report.format_layer(saved)
     for name in saved["implementations"]:
         assert name in text
-    assert "geomean speedup" in text and "collectives" in text and "bandwidth" in text
+    assert "geomean speedup" in text and "collectives" in text
     md = report.markdown_layer(saved)
+    assert "limit" not in md and "bandwidth" not in md  # no roofline column: dropped, it mixed cache levels
     assert md.count("| geomean |") == 3 * len(layers.MODES) and "**Residuals**" in md and "**HLO**" in md
     pytest.importorskip("matplotlib")
     path = tmp_path / "bench.png"
@@ -108,3 +113,41 @@ def test_parse_shapes():
 def test_unknown_implementation():
     with pytest.raises(ValueError, match="unknown implementation 'torch'"):
         layers.available(["jaxbn", "torch"])
+
+
+def test_flax_collective_counts_in_the_layer_report(saved):
+    """flax.linen.BatchNorm synchronizes with lax.pmean: with fast variance one pmean of (E[x], E[x²]) forward and
+    its transpose backward (2); without, E[x] then E[(x - mean)²], each with its transpose (4)."""
+    counts = saved["collectives"]["counts"]
+    assert sum(counts["flax"].values()) == counts["flax"]["all-reduce"] == 2
+    assert sum(counts["flax-exact"].values()) == counts["flax-exact"]["all-reduce"] == 4
+
+
+def test_geomean_spread():
+    """report.geomean_spread on hand-made rows: per-row median ratios and per-round geomeans."""
+    def row(case, impl, times):
+        return {"case": case, "dtype": "float32", "mode": "train", "impl": impl, "times_ms": times,
+                "median_ms": sorted(times)[len(times) // 2]}  # fmt: skip
+
+    rows = [row("a", "flax", [2.0, 2.0, 2.0]), row("a", "x", [1.0, 2.0, 4.0]),
+            row("b", "flax", [8.0, 8.0, 8.0]), row("b", "x", [4.0, 8.0, 2.0])]  # fmt: skip
+    geo, lo, hi = report.geomean_spread({"results": rows}, "train", "float32", "x")
+    assert geo == pytest.approx(math.sqrt((2 / 2) * (8 / 4)))  # medians: a 2 vs 2, b 8 vs 4
+    per_round = [math.sqrt(2 / 1 * 8 / 4), math.sqrt(2 / 2 * 8 / 8), math.sqrt(2 / 4 * 8 / 2)]  # 2, 1, 1
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(per_round, [25, 75])))
+    assert report.geomean_spread({"results": rows}, "infer", "float32", "x") is None
+
+
+@pytest.mark.parametrize(
+    "fn, big",
+    [
+        (lambda x, s: x * s, 1),  # d/dscale needs x
+        (lambda x, s: jnp.exp(x) * s, 1),  # exp's derivative is its output, also what d/dscale needs
+        (lambda x, s: jnp.sin(x) * s, 2),  # cos(x) for sin's derivative, sin(x) for d/dscale
+    ],
+)
+def test_residual_bytes_of_hand_written_layers(fn, big):
+    x = jnp.ones((16, 4), jnp.float32)
+    layer = layers.Layer({"scale": jnp.ones((1, 4))}, None, lambda p, s, x, training: (fn(x, p["scale"]), s))
+    got_big, small = layers.residual_bytes(layer, x, 4)
+    assert got_big == big * x.nbytes and small <= 2 * 4 * 4

@@ -181,3 +181,57 @@ def test_example_has_header_and_docs_entry(name):
     assert f"examples/{name}" in doc, f"examples/{name}'s docstring should say how to run it (python examples/{name})"
     with open(os.path.join(ROOT, "docs", "examples.md"), encoding="utf-8") as f:
         assert f"| `{name}` |" in f.read(), f"examples/{name} is missing from docs/examples.md's table"
+
+
+# ------------------------------------------------------------------ paths and links the docs cite
+
+DOC_FILES = ["README.md", "CHANGELOG.md"] + sorted(
+    os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")
+)
+# Written by `python -m benchmarks figures`: cited before the first measurement is committed.
+GENERATED = {"docs/figures.json"}
+_TOP = sorted(
+    f for f in os.listdir(ROOT) if not f.startswith(".") and (os.path.isdir(os.path.join(ROOT, f)) or "." in f)
+)
+_PATH_RE = re.compile(r"`((?:" + "|".join(re.escape(t) for t in _TOP) + r")(?:/[\w.\-/]*)?)(?:[:#][^`]*)?`")
+
+
+def cited(path: str) -> tuple[list[str], list[str]]:
+    """(relative link targets, repository paths in code spans) of the Markdown file `path`."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    text_no_code = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    links = [t for t in re.findall(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)", text_no_code) if "://" not in t
+             and not t.startswith("mailto:")]  # fmt: skip
+    spans = [p for p in _PATH_RE.findall(text_no_code) if "*" not in p]
+    return links, spans
+
+
+@pytest.mark.parametrize("path", DOC_FILES)
+def test_cited_paths_and_links_exist(path):
+    """Every relative link and every repository path in a code span of README.md, CHANGELOG.md and docs/ exists."""
+    links, spans = cited(path)
+    base = os.path.dirname(os.path.join(ROOT, path))
+    for link in links:
+        target = os.path.normpath(os.path.join(base, link))
+        if os.path.relpath(target, ROOT) not in GENERATED:
+            assert os.path.exists(target), f"{path} links to {link}, which does not exist"
+    for span in spans:
+        if span not in GENERATED:
+            assert os.path.exists(os.path.join(ROOT, span)), f"{path} cites `{span}`, which does not exist"
+
+
+def test_cited_path_finder_finds_what_it_must():
+    links, spans = cited("README.md")
+    assert "docs/quickstart.md" in links and "examples/demo.py" in spans
+
+
+@pytest.mark.parametrize("modname, name", [p.values for p in public_names()])
+def test_arguments_are_documented_one_by_one(modname, name):
+    """A Google "a, b: ..." entry hides `a` and `b` from the API page's table (both then show as required)."""
+    obj = getattr(importlib.import_module(modname), name)
+    if not inspect.isfunction(obj):
+        return
+    args = re.search(r"^\s*Args:\n(.*?)(?:^\s*\w+:\n|\Z)", inspect.getdoc(obj) or "", flags=re.S | re.M)
+    grouped = re.findall(r"^\s+(\w+(?:, \w+)+):", args.group(1), flags=re.M) if args else []
+    assert not grouped, f"{modname}.{name} documents {grouped} together: give each argument its own entry"

@@ -437,7 +437,7 @@ def test_ghost_batch_with_mask(mask_shape):
     _close(upd["batch_stats"], {"mean": np.mean([p[0] for p in parts], 0), "var": np.mean([p[1] for p in parts], 0)})
 
 
-# ---------------------------------------------------------------- bad batches (issue 11)
+# ---------------------------------------------------------------- bad batches (docs/contract.md)
 # References from the definition, float64: a feature whose batch has inf/NaN keeps its running stats, the others
 # take the EMA of their batch moments; masked-out NaN changes nothing; momentum=None across an all-masked batch is
 # the plain average of the batches that contributed.

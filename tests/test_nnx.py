@@ -299,7 +299,7 @@ def test_orbax_round_trip_into_flax(tmp_path):
     _close(theirs(x), ours(x))
 
 
-# ---------------------------------------------------------------- bad batches (issue 11)
+# ---------------------------------------------------------------- bad batches (docs/contract.md)
 # References from the definition, float64: a feature whose batch has inf/NaN keeps its running stats, the others
 # take the EMA of their batch moments; masked-out NaN changes nothing; momentum=None across an all-masked batch is
 # the plain average of the batches that contributed.

@@ -278,7 +278,8 @@ def test_nnx_jit_inside_the_model_traces_each_mode():
     np.testing.assert_allclose(stats(), _ema(before, batches[1]), rtol=1e-5, atol=1e-6)
 
 
-# Bad batches (issue 11): masked entries, even NaN ones, and an all-masked batch contribute nothing.
+# Bad batches (docs/contract.md, update_stats): masked entries, even NaN ones, and an all-masked batch
+# contribute nothing.
 
 
 def _masked_batches():

@@ -78,7 +78,7 @@ def test_update_is_traced_once_per_shape():
     assert len(calls) == 1
 
 
-# --- Nothing poisons the running statistics (API.md v2, issue 11) ----------------------------------
+# --- Nothing poisons the running statistics (docs/contract.md, update_stats) ----------------------------------
 
 _update_jit = jax.jit(jaxbn.update_stats, static_argnames=("momentum", "unbiased"))
 
@@ -117,7 +117,7 @@ def test_sequence_with_bad_batches_matches_definition(kinds, momentum, seed):
     assert np.all(np.isfinite(stats.mean)) and np.all(np.isfinite(stats.var))
     if momentum is None:
         if any(k in ("nan_some", "masked_some") for k in kinds):
-            # a feature that sits out a counted call is not tracked separately (API.md): only the
+            # a feature that sits out a counted call is not tracked separately (docs/contract.md): only the
             # features that contributed to every counted call are exact
             return
         want_mean, want_var, want_count = ref.cumulative_average(*zip(*batches, strict=True))

@@ -150,7 +150,7 @@ def test_moments_property(case):
     np.testing.assert_allclose(m.var, var, atol=1e-5 * scale**2, rtol=1e-4)
 
 
-# --- Stability whatever the mask (API.md v2, issue 11) -------------------------------------------
+# --- Stability whatever the mask (docs/contract.md, moments) -------------------------------------------
 
 _moments_jit = jax.jit(jaxbn.moments, static_argnames=("axis",))
 

@@ -464,7 +464,7 @@ def test_batch_renorm_under_shard_map_matches_pmap():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- reliability (issue 11)
+# ----------------------------------------------------------------------------- reliability (docs/contract.md)
 
 _SYNC_ROWS = 16
 
