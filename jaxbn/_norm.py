@@ -129,6 +129,7 @@ class _Prepared:
         """
         call = cls.__new__(cls)
         call.x, call.lay, call.stats, call.scale, call.bias, call.mask = x, lay, stats, scale, bias, mask
+        call.running = True
         return call
 
     def inference(self, epsilon: float, out_dtype: np.dtype) -> tuple[jax.Array, RunningStats]:
