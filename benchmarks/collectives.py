@@ -169,14 +169,21 @@ def sync_bn_args(
 
 
 def sync_bn_table(impls: Sequence[str] = IMPLS, features: int = 256) -> list[dict[str, object]]:
-    """One row per implementation for ALL of this process's devices: counts and bytes by kind."""
+    """One row per implementation for ALL of this process's devices: counts and bytes by kind.
+
+    `counts`/`bytes`: the collectives every step runs; `fallback_counts`: those
+    inside conditional branches, which run only when a self-check fails.
+    """
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     args = sync_bn_args(mesh, features=features)
     rows: list[dict[str, object]] = []
     for impl in impls:
         text = hlo.compiled_text(sync_bn_step(impl, mesh), *args)
-        counts, nbytes = hlo.summarize_collectives(hlo.parse_collectives(text))
-        rows.append({"impl": impl, "devices": jax.device_count(), "counts": counts, "bytes": nbytes})
+        ops = hlo.parse_collectives(text)
+        counts, nbytes = hlo.summarize_collectives(ops, "outside")
+        fallback = hlo.summarize_collectives(ops, "branches")[0]
+        rows.append({"impl": impl, "devices": jax.device_count(), "counts": counts, "bytes": nbytes,
+                     "fallback_counts": fallback})
     return rows
 
 
@@ -187,15 +194,18 @@ def table_in_subprocess(devices: int, impls: Sequence[str] = IMPLS) -> list[dict
 
 def format_table(rows: Sequence[dict[str, object]]) -> str:
     """A plain-text table of `sync_bn_table` rows."""
-    head = f"{'implementation':<22}{'devices':>8}{'collectives':>13}  {'kinds':<48}{'bytes/device':>13}"
+    head = (f"{'implementation':<22}{'devices':>8}{'collectives':>13}  {'kinds':<48}{'bytes/device':>13}"
+            f"  {'fallback (only if a self-check fails)'}")
     lines = [head, "-" * len(head)]
     for row in rows:
         counts: dict[str, int] = row["counts"]  # type: ignore[assignment]
         nbytes: dict[str, int] = row["bytes"]  # type: ignore[assignment]
         kinds = ", ".join(f"{c} {k} ({nbytes[k]} B)" for k, c in counts.items() if c)
+        fallback: dict[str, int] = row.get("fallback_counts") or {}  # type: ignore[assignment]
+        extra = ", ".join(f"+{c} {k}" for k, c in fallback.items() if c)
         lines.append(
             f"{row['impl']!s:<22}{row['devices']!s:>8}{sum(counts.values()):>13}  {kinds or '-':<48}"
-            f"{sum(nbytes.values()):>13}"
+            f"{sum(nbytes.values()):>13}  {extra or '-'}"
         )
     return "\n".join(lines)
 

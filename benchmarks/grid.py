@@ -98,6 +98,7 @@ PLACEMENTS = {
     "1dev": "one device",
     "shard_map": "8 devices, jax.shard_map with the BN axis_name (sync BN), gradients pmean-ed",
     "jit": "8 devices, plain jax.jit over a batch sharded on a mesh (XLA partitions the BN reductions)",
+    "pmap": "8 devices, jax.pmap(step, axis_name=...) as flax's ImageNet train.py runs it (sync BN)",
 }
 #: The default whole-model grid: small enough for a few minutes on 2 CPU cores.
 MODEL_GRID = (ModelCase("resnet18", 16, 32, 32), ModelCase("resnet50", 8, 32, 16))

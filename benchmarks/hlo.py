@@ -83,23 +83,31 @@ class CollectiveOp(NamedTuple):
       bytes: bytes of the result on each device (for an async `-start` op
         returning a tuple, the last array: the result buffer).
       group_size: participants per replica group, or None if not printed.
+      in_branch: inside a branch of a `conditional` (a fallback that runs
+        only when its predicate says so), not on every step.
     """
 
     kind: str
     shape: str
     bytes: int
     group_size: int | None
+    in_branch: bool = False
 
 
 class Cost(NamedTuple):
     """The deterministic cost of one compiled program.
 
     Attributes:
-      kernels: instructions that launch work (see `count_kernels`).
+      kernels: instructions that launch work on the common path (see
+        `count_kernels`: each conditional counts once plus its cheapest branch).
       bytes_accessed: XLA's cost analysis, "bytes accessed".
       temp_bytes: XLA's memory analysis, temp buffers.
-      collectives: `{kind: count}` for every kind of `KINDS`.
+      collectives: `{kind: count}` for every kind of `KINDS`, outside
+        conditional branches (what every step runs).
       compile_s: seconds `lower(...).compile()` took (not deterministic).
+      kernels_all: kernels with every branch of every conditional counted.
+      fallback_collectives: `{kind: count}` inside conditional branches
+        (fallbacks that run only when their predicate says so).
     """
 
     kernels: int
@@ -107,6 +115,8 @@ class Cost(NamedTuple):
     temp_bytes: int
     collectives: dict[str, int]
     compile_s: float
+    kernels_all: int = 0
+    fallback_collectives: dict[str, int] = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
 
 
 def array_bytes(shape: str) -> int:
@@ -155,13 +165,21 @@ def _called(instr: Instruction) -> list[str]:
     return out
 
 
-def kernels(hlo_text: str) -> Iterator[tuple[Instruction, dict[str, str]]]:
+def kernels(hlo_text: str, branches: str = "all") -> Iterator[tuple[Instruction, dict[str, str]]]:
     """The instructions of the entry computation that launch work, with the shapes of their computation's values.
 
-    Calls, whiles and conditionals are followed into the computations they
-    run (a while body counts once, not per iteration); fusions count as one
-    kernel each (their fused computations are not entered).
+    Calls and whiles are followed into the computations they run (a while
+    body counts once, not per iteration); fusions count as one kernel each
+    (their fused computations are not entered). A conditional is followed
+    into every branch with `branches="all"`; with `branches="fewest"` (the
+    common path, when a conditional guards a rarely taken fallback) it
+    counts as one kernel itself plus its branch with the fewest kernels.
+
+    Raises:
+      ValueError: `branches` is neither "all" nor "fewest".
     """
+    if branches not in ("all", "fewest"):
+        raise ValueError(f"branches must be 'all' or 'fewest', got {branches!r}")
     comps, entry = computations(hlo_text)
     if entry is None:
         return
@@ -170,7 +188,11 @@ def kernels(hlo_text: str) -> Iterator[tuple[Instruction, dict[str, str]]]:
         instrs = comps.get(name, [])
         shapes = {i.name: i.shape for i in instrs}
         for instr in instrs:
-            if instr.opcode in CONTROL_OPCODES:
+            if instr.opcode == "conditional" and branches == "fewest":
+                yield instr, shapes
+                options = [list(walk(c)) for c in _called(instr)]
+                yield from min(options, key=len, default=[])
+            elif instr.opcode in CONTROL_OPCODES:
                 for callee in _called(instr):
                     yield from walk(callee)
             elif instr.opcode not in FREE_OPCODES and not instr.opcode.endswith("-done"):
@@ -179,7 +201,7 @@ def kernels(hlo_text: str) -> Iterator[tuple[Instruction, dict[str, str]]]:
     yield from walk(entry)
 
 
-def count_kernels(hlo_text: str) -> int:
+def count_kernels(hlo_text: str, branches: str = "all") -> int:
     """Number of kernels the optimized module launches (see `kernels`; async start/done pairs count once).
 
     >>> count_kernels('''ENTRY %main (p: f32[4]) -> f32[4] {
@@ -190,7 +212,21 @@ def count_kernels(hlo_text: str) -> int:
     ... }''')
     1
     """
-    return sum(1 for _ in kernels(hlo_text))
+    return sum(1 for _ in kernels(hlo_text, branches))
+
+
+def branch_computations(hlo_text: str) -> set[str]:
+    """Names of the computations that run only inside a branch of a `conditional` (and what they call)."""
+    comps, _ = computations(hlo_text)
+    inside: set[str] = set()
+    todo = [c for instrs in comps.values() for i in instrs if i.opcode == "conditional" for c in _called(i)]
+    while todo:
+        name = todo.pop()
+        if name in inside:
+            continue
+        inside.add(name)
+        todo.extend(c for i in comps.get(name, []) for c in _called(i))
+    return inside
 
 
 def full_size_passes(hlo_text: str, elements: int, itemsize: int) -> float:
@@ -238,10 +274,16 @@ def parse_collectives(hlo_text: str) -> list[CollectiveOp]:
 
     >>> hlo = "%ar = f32[2,16]{1,0} all-reduce(%x), replica_groups={{0,1,2,3}}, to_apply=%sum"
     >>> parse_collectives(hlo)
-    [CollectiveOp(kind='all-reduce', shape='f32[2,16]{1,0}', bytes=128, group_size=4)]
+    [CollectiveOp(kind='all-reduce', shape='f32[2,16]{1,0}', bytes=128, group_size=4, in_branch=False)]
     """
     ops = []
+    in_branch = branch_computations(hlo_text)
+    current = None
     for line in hlo_text.splitlines():
+        c = _COMP_RE.match(line)
+        if c and not line.lstrip().startswith("HloModule"):
+            current = c.group("name")
+            continue
         m = _INSTR_RE.match(line)
         if m is None:
             continue
@@ -253,15 +295,25 @@ def parse_collectives(hlo_text: str) -> list[CollectiveOp]:
             arrays = arrays[len(arrays) // 2 :]  # (operands..., results...)
         elif m["opcode"].endswith("-start") and kind == "collective-permute":
             arrays = arrays[1:2]  # (operand, result, context...)
-        ops.append(CollectiveOp(kind, m["shape"], sum(array_bytes(a) for a in arrays), _group_size(line)))
+        ops.append(CollectiveOp(
+            kind, m["shape"], sum(array_bytes(a) for a in arrays), _group_size(line), current in in_branch
+        ))
     return ops
 
 
-def summarize_collectives(ops: Sequence[CollectiveOp]) -> tuple[dict[str, int], dict[str, int]]:
-    """(count per kind, result bytes per kind) of `ops`; every kind of `KINDS` is a key."""
+def summarize_collectives(
+    ops: Sequence[CollectiveOp], where: str = "all"
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(count per kind, result bytes per kind) of `ops`; every kind of `KINDS` is a key.
+
+    `where`: "all" ops, only those on every step ("outside" conditional
+    branches) or only the fallbacks ("branches").
+    """
     counts = dict.fromkeys(KINDS, 0)
     nbytes = dict.fromkeys(KINDS, 0)
     for op in ops:
+        if (where == "outside" and op.in_branch) or (where == "branches" and not op.in_branch):
+            continue
         counts[op.kind] += 1
         nbytes[op.kind] += op.bytes
     return counts, nbytes
@@ -272,7 +324,7 @@ def compiled_text(fn: Callable[..., object], *args: object) -> str:
     return jax.jit(fn).lower(*args).compile().as_text() or ""
 
 
-def count_collectives(fn: Callable[..., object], *args: object) -> dict[str, int]:
+def count_collectives(fn: Callable[..., object], *args: object, where: str = "all") -> dict[str, int]:
     """Counts the collectives of `jax.jit(fn)` compiled for `args`, by kind.
 
     The count is taken on the optimized HLO, so collectives XLA combines
@@ -281,6 +333,8 @@ def count_collectives(fn: Callable[..., object], *args: object) -> dict[str, int
     Args:
       fn: a function `jax.jit` can trace.
       *args: example arguments (arrays, placed or sharded as in real use).
+      where: "all", "outside" conditional branches (every step) or in
+        "branches" (fallbacks); see `summarize_collectives`.
 
     Returns:
       `{kind: count}` for every kind of `KINDS` (zeros included).
@@ -289,7 +343,7 @@ def count_collectives(fn: Callable[..., object], *args: object) -> dict[str, int
     >>> count_collectives(lambda x: jnp.sum(x ** 2), jnp.ones(4))["all-reduce"]
     0
     """
-    return summarize_collectives(parse_collectives(compiled_text(fn, *args)))[0]
+    return summarize_collectives(parse_collectives(compiled_text(fn, *args)), where)[0]
 
 
 def collective_bytes(fn: Callable[..., object], *args: object) -> dict[str, int]:
@@ -332,5 +386,9 @@ def analyze(compiled: jax.stages.Compiled, compile_s: float = 0.0) -> Cost:
     (1, 0)
     """
     text = compiled.as_text() or ""
-    counts = summarize_collectives(parse_collectives(text))[0]
-    return Cost(count_kernels(text), bytes_accessed(compiled), temp_bytes(compiled), counts, compile_s)
+    ops = parse_collectives(text)
+    return Cost(
+        count_kernels(text, "fewest"), bytes_accessed(compiled), temp_bytes(compiled),
+        summarize_collectives(ops, "outside")[0], compile_s, count_kernels(text, "all"),
+        summarize_collectives(ops, "branches")[0],
+    )

@@ -104,7 +104,7 @@ def compile_step(
             f"placement {placement!r} needs {DEVICES} devices (have {jax.device_count()}) and a batch they divide "
             f"(got {case.batch})"
         )
-    axis_name = AXIS if placement == "shard_map" else None
+    axis_name = AXIS if placement in ("shard_map", "pmap") else None
     model = resnet(case.arch, impl, width=case.width, dtype=dt, axis_name=axis_name)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(case.batch, case.image, case.image, 3)), dt)
@@ -114,6 +114,14 @@ def compile_step(
     opt_state = tx.init(params)
     args: tuple[Any, ...] = (params, batch_stats, opt_state, x, labels)
     fn: Callable[..., Any] = step
+    if placement == "pmap":  # flax's imagenet train.py: replicated state, a leading device axis on the batch
+        devices = jax.devices()[:DEVICES]
+        replicated = jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *jnp.shape(v))), args[:3])
+        args = (*replicated, *(jnp.reshape(v, (DEVICES, -1, *v.shape[1:])) for v in (x, labels)))
+        fn = jax.pmap(step, axis_name=AXIS, devices=devices)
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()  # type: ignore[attr-defined]
+        return compiled, args, hlo.analyze(compiled, time.perf_counter() - t0)
     if sharded:
         mesh = jax.make_mesh((DEVICES,), (AXIS,))
         rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
@@ -153,6 +161,8 @@ def time_group(
             "bytes_accessed": costs[impl].bytes_accessed,
             "kernels": costs[impl].kernels,
             "collectives": costs[impl].collectives,
+            "kernels_all": costs[impl].kernels_all,
+            "fallback_collectives": costs[impl].fallback_collectives,
         }
         for impl in impls
     ]

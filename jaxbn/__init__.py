@@ -19,7 +19,6 @@ from jaxbn._running import Moments as Moments
 from jaxbn._running import RunningStats as RunningStats
 from jaxbn._running import init_stats as init_stats
 from jaxbn._running import update_stats as update_stats
-from jaxbn._stats import GATHER_MAX_DEVICES as GATHER_MAX_DEVICES
 from jaxbn._stats import moments as moments
 
 __version__ = "0.2.0"
@@ -36,7 +35,6 @@ def __getattr__(name: str) -> object:  # lazy: `import jaxbn` loads no framework
 
 
 __all__ = [
-    "GATHER_MAX_DEVICES",
     "Moments",
     "RunningStats",
     "batch_norm",

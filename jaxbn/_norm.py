@@ -106,6 +106,7 @@ class _Prepared:
         check_epsilon(epsilon)
         self.lay = lay = Layout.of(self.x.shape, axis)
         fshape = lay.feature_shape
+        self.running = stats is not None
         if stats is None:  # normalize_batch: no running statistics involved
             stats = RunningStats(jnp.zeros(fshape), jnp.ones(fshape), jnp.zeros((), jnp.int32))
         check_stats_type(stats)
@@ -129,6 +130,7 @@ class _Prepared:
         """
         call = cls.__new__(cls)
         call.x, call.lay, call.stats, call.scale, call.bias, call.mask = x, lay, stats, scale, bias, mask
+        call.running = True
         return call
 
     def inference(self, epsilon: float, out_dtype: np.dtype) -> tuple[jax.Array, RunningStats]:
@@ -142,7 +144,8 @@ class _Prepared:
         lay = self.lay
         if jnp.iscomplexobj(self.x):  # plain autodiff through the moments
             check_trainable(self.x.shape, lay.axis, lay.reduced_size, axis_name)
-            n, mean, var = moments_keepdims(self.x, lay.reduced_axes, self.mask, axis_name, groups, strategy)
+            n, mean, var = moments_keepdims(self.x, lay.reduced_axes, self.mask, axis_name, groups, strategy,
+                                            self.shift())
             mul = lax.rsqrt(var + epsilon)
             if self.scale is not None:
                 mul = _scaled(mul, jnp.reshape(self.scale, lay.keep_shape))
@@ -164,8 +167,12 @@ class _Prepared:
         # No tangent enters the moments' collective (an invariant all_gather
         # under shard_map has no eager transpose): the kernel's rule covers them.
         n, mean, var = moments_keepdims(lax.stop_gradient(self.x), self.lay.reduced_axes, self.mask,
-                                        axis_name, groups, strategy)
+                                        axis_name, groups, strategy, self.shift())
         return over, n, mean, var
+
+    def shift(self) -> jax.Array | None:
+        """The running mean (keepdims): the value synchronized moments sum about, the same on every device."""
+        return jnp.reshape(self.stats.mean, self.lay.keep_shape) if self.running else None
 
     def updated(
         self, n: jax.Array, mean: jax.Array, var: jax.Array, momentum: float | None, unbiased: bool

@@ -19,16 +19,21 @@ about the mean just found (now inside the data) replaces the sums. It runs
 only when needed (`lax.cond`), so the one-pass speed stays for every batch
 whose pilot was good.
 
-Across devices the per-device triples `(n_i, mean_i, M2_i)` are combined with
-Chan et al.'s parallel formula, weighting each device by its own count::
+Across devices (`axis_name`), strategy "auto" = "psum" (`shifted_global_moments`):
+every device sums about the same shift (the running mean passed in, 0 in
+`moments`), so the sums add up and the forward combination is ONE all-reduce;
+a check on the reduced values (identical on every device) runs a second pass
+about the mean when the bound above fails, or Chan's combination of the
+per-device moments when the shift was not the same on every device.
+Strategy "gather" all-gathers the per-device triples `(n_i, mean_i, M2_i)`
+and combines them with Chan et al.'s parallel formula (`chan_combine`)::
 
     N = sum n_i,  mean = sum n_i mean_i / N,
     M2 = sum M2_i + sum n_i |mean_i - mean|^2
 
-With `strategy="gather"` that is ONE all-gather of the triples (payload
-O(devices x features)); with `strategy="psum"` it is TWO all-reduces of
-O(features) (first `N` and `sum n_i mean_i`, then the M2 terms). `"auto"`
-gathers up to `GATHER_MAX_DEVICES` participants and switches to psum above.
+Counts are summed in integers, on each device and across devices; the
+float32 `count` that callers see is the exact count rounded once (exact up
+to 2^24 valid entries per feature, within 2^-24 relative above).
 """
 
 from __future__ import annotations
@@ -54,9 +59,6 @@ from jaxbn._layout import Layout
 from jaxbn._running import Moments, stats_dtype
 from jaxbn._xla import separate_converts, spelled_apart
 
-#: Largest number of participants for which `strategy="auto"` all-gathers the
-#: per-device moments (one collective) instead of two all-reduces.
-GATHER_MAX_DEVICES = 16
 _PILOT = 8
 _PILOT_DENSITY = 1024
 
@@ -73,14 +75,25 @@ def _abs_sq(z: jax.Array) -> jax.Array:
     return lax.square(z)
 
 
-def _count(mask: jax.Array | None, shape: Sequence[int], red: Sequence[int]) -> jax.Array:
-    """Per-feature count of valid entries, shape keepdims over `red`, float32."""
+def _count_int(mask: jax.Array | None, shape: Sequence[int], red: Sequence[int]) -> jax.Array | int:
+    """Per-feature count of valid entries on this device, exact: a Python int without a mask, else int32 keepdims.
+
+    Summed in integers: a float32 sum stops being exact past 2^24 entries (and
+    a sequential one stalls there). int32 holds up to 2^31 - 1 per device.
+    """
     if mask is None:
-        n = float(math.prod(shape[a] for a in red))
-        return jnp.full((1,) * len(shape), n, jnp.float32)
+        return math.prod(shape[a] for a in red)
     summed = tuple(a for a in red if mask.shape[a] != 1)
     implicit = math.prod(shape[a] for a in red if mask.shape[a] == 1)
-    return jnp.sum(mask, axis=summed, keepdims=True, dtype=jnp.float32) * implicit
+    return jnp.sum(mask, axis=summed, keepdims=True, dtype=jnp.int32) * implicit
+
+
+def _count(mask: jax.Array | None, shape: Sequence[int], red: Sequence[int]) -> jax.Array:
+    """`_count_int` as float32 (keepdims over `red`): the nearest float32 to the exact count."""
+    n = _count_int(mask, shape, red)
+    if isinstance(n, int):
+        return jnp.full((1,) * len(shape), float(n), jnp.float32)
+    return n.astype(jnp.float32)
 
 
 def _pilot_slice(shape: tuple[int, ...], red: tuple[int, ...]) -> tuple[slice, ...]:
@@ -276,38 +289,159 @@ def _all_gather(packed: jax.Array, axis_name: AxisName, axis_index_groups: AxisI
     return lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
 
 
-def global_moments(
+#: Counts cross devices as two float32 limbs (`n // _LIMB`, `n % _LIMB`): each limb's sum is an
+#: integer below 2^24, so exact, up to 2^36 entries in all and 4096 participants.
+_LIMB = 4096
+
+
+def _fingerprint(k: jax.Array) -> jax.Array:
+    """32 bits (float32 0 or 1) of a hash of the bit pattern of `k`: equal arrays give equal bits.
+
+    `sum_f bits(k_f) * m_f mod 2^32` with odd multipliers `m_f`: arrays that
+    differ in one element always differ here, others with chance ~2^-32.
+    """
+    parts = [k.real, k.imag] if jnp.iscomplexobj(k) else [k]
+    bits = jnp.concatenate([jnp.ravel(lax.bitcast_convert_type(p, jnp.uint32)) for p in parts])
+    i = lax.iota(jnp.uint32, bits.size)
+    h = jnp.sum(bits * ((i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)), dtype=jnp.uint32)
+    return ((h >> lax.iota(jnp.uint32, 32)) & jnp.uint32(1)).astype(jnp.float32)
+
+
+def _psum_flat(parts: list[jax.Array], axis_name: AxisName, groups: AxisIndexGroups) -> list[jax.Array]:
+    """Sums every array of `parts` (real, any shapes) over the devices in ONE all-reduce."""
+    flat = jnp.concatenate([jnp.ravel(p) for p in parts])
+    total = lax.psum(flat, axis_name, axis_index_groups=groups)
+    out, start = [], 0
+    for p in parts:
+        out.append(jnp.reshape(total[start:start + p.size], p.shape))
+        start += p.size
+    return out
+
+
+def _known_shared(x: jax.Array, shift: jax.Array, axis_name: AxisName) -> bool:
+    """Whether `shift` is typed replicated over `axis_name` (shard_map's manual axes, x typed varying)."""
+    if not _is_varying(x, axis_name):
+        return False  # no type information (pmap, vmap, shard_map without check_vma)
+    aval = jax.typeof(shift)
+    varying = getattr(getattr(aval, "mat", None), "varying", None)
+    if varying is None:
+        varying = getattr(aval, "vma", None) or frozenset()
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return not any(n in varying for n in names)
+
+
+def shifted_global_moments(
+    x: jax.Array,
+    red: tuple[int, ...],
+    mask: jax.Array | None,
+    axis_name: AxisName,
+    axis_index_groups: AxisIndexGroups,
+    shift: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(N, mean, biased var) over `red` and the devices, keepdims: ONE all-reduce when the shift is good.
+
+    Every device sums about the same shift `K` (`shift`, e.g. the running
+    mean; 0 if None), so the sums add up across devices: one all-reduce of
+    `(S1, S2)`, plus the count in integer limbs if there is a mask, plus a
+    fingerprint of `K` when nothing proves it is the same on every device.
+    From the reduced values, identical on every device:
+
+    * `K` differed between devices (fingerprint bits not all 0 or all 1):
+      the local moments about each device's own pilot, combined by Chan's
+      formula (two more all-reduces);
+    * `S2 > _CANCELLATION * M2` for some feature (K far from the mean): the
+      sums again about the mean just found (one more pass, one more
+      all-reduce);
+    * otherwise (the common case) nothing more.
+    """
+    dt = stats_dtype(x.dtype)
+    size = axis_size(axis_name, axis_index_groups)
+    kshape = tuple(1 if a in red else d for a, d in enumerate(x.shape))
+    if shift is None:
+        k = jnp.zeros(kshape, dt)
+        check_shared = False
+    else:
+        k = lax.stop_gradient(shift)
+        if jnp.iscomplexobj(k) and not jnp.issubdtype(dt, jnp.complexfloating):
+            k = k.real
+        k = jnp.broadcast_to(k.astype(dt), kshape)
+        check_shared = not _known_shared(x, k, axis_name)
+    cplx = jnp.iscomplexobj(k)
+
+    s1, s2 = _shifted_sums(x, red, mask, k)
+    parts = [*_pack(s1), s2]
+    n_local = _count_int(mask, x.shape, red)
+    if not isinstance(n_local, int):
+        parts += [(n_local // _LIMB).astype(jnp.float32), (n_local % _LIMB).astype(jnp.float32)]
+    if check_shared:
+        parts.append(_fingerprint(k))
+    total = _psum_flat(parts, axis_name, axis_index_groups)
+    k_ = 2 if cplx else 1
+    s1, s2 = _unpack(total[:k_], cplx), total[k_]
+    if isinstance(n_local, int):
+        big_n = jnp.full((1,) * x.ndim, float(n_local * size), jnp.float32)
+    else:
+        big_n = total[k_ + 1] * float(_LIMB) + total[k_ + 2]
+    safe_n = jnp.maximum(big_n, 1.0).astype(_real(dt))
+    zero = jnp.zeros((), dt)
+
+    def about(center: jax.Array, t1: jax.Array, t2: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(mean, var) from sums about `center`; 0 where no entry is valid."""
+        mean = center + t1 / safe_n.astype(t1.dtype)
+        var = jnp.maximum(t2 - _abs_sq(t1) / safe_n, 0.0) / safe_n
+        return (mean if isinstance(n_local, int) else jnp.where(big_n > 0, mean, zero)), var
+
+    mean, var = about(k, s1, s2)
+
+    def keep() -> tuple[jax.Array, jax.Array]:
+        return mean, var
+
+    def recentre() -> tuple[jax.Array, jax.Array]:
+        g = lax.stop_gradient(mean)
+        t1, t2 = _shifted_sums(x, red, mask, g)
+        u = _psum_flat([*_pack(t1), t2], axis_name, axis_index_groups)
+        return about(g, _unpack(u[:k_], cplx), u[k_])
+
+    def chan() -> tuple[jax.Array, jax.Array]:
+        n_i, mean_i, lo_i, m2_i = local_moments(x, red, mask)
+
+        def psum_packed(vs: list[jax.Array]) -> list[jax.Array]:
+            return list(lax.psum(jnp.stack(vs), axis_name, axis_index_groups=axis_index_groups))
+
+        _, gmean, gm2 = chan_combine(n_i, mean_i, m2_i, psum_packed, mean_lo=lo_i)
+        return gmean, gm2 / safe_n
+
+    # The branch to take, from reduced values only (the same on every device): 1 where the
+    # cancellation bound fails (S2 > _CANCELLATION * M2), 2 where the shift differed.
+    # (S2 > C * M2 with M2 = S2 - |S1|^2 / N, written from the reduced sums alone.)
+    index = (jnp.max(_CANCELLATION * _abs_sq(s1) / safe_n - (_CANCELLATION - 1.0) * s2) > 0).astype(jnp.int32)
+    branches = [keep, recentre]
+    if check_shared:
+        bits = total[-1]
+        index = jnp.where(jnp.max(bits * (size - bits)) > 0, 2, index)
+        branches.append(chan)
+    mean, var = lax.switch(index, branches)
+    return jnp.broadcast_to(big_n, var.shape), mean, var
+
+
+def gathered_moments(
     n: jax.Array,
     mean: jax.Array,
     mean_lo: jax.Array,
     m2: jax.Array,
     axis_name: AxisName,
     axis_index_groups: AxisIndexGroups,
-    strategy: Strategy,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Combines per-device (n, mean + mean_lo, M2) over `axis_name` (see module docstring)."""
-    size = axis_size(axis_name, axis_index_groups)
-    if strategy not in ("auto", "gather", "psum"):
-        raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")
-    if strategy == "auto":
-        strategy = "gather" if size <= GATHER_MAX_DEVICES else "psum"
+    """`strategy="gather"`: all-gathers the per-device (n, mean + mean_lo, M2) and combines them (Chan)."""
     cplx = jnp.iscomplexobj(mean)
-    if strategy == "gather":
-        fields = [n, *_pack(mean), *_pack(mean_lo), m2]
-        packed = jnp.stack(fields)
-        g = _all_gather(packed, axis_name, axis_index_groups)
-        if isinstance(axis_name, tuple) and g.ndim > packed.ndim + 1:
-            g = g.reshape((-1, *packed.shape))
-        k = 2 if cplx else 1
-        part = [g[:, i] for i in range(len(fields))]
-        return chan_combine(
-            part[0], _unpack(part[1:1 + k], cplx), part[-1], mean_lo=_unpack(part[1 + k:1 + 2 * k], cplx)
-        )
-
-    def psum_packed(vs: list[jax.Array]) -> list[jax.Array]:
-        return list(lax.psum(jnp.stack(vs), axis_name, axis_index_groups=axis_index_groups))
-
-    return chan_combine(n, mean, m2, psum_packed, mean_lo=mean_lo)
+    fields = [n, *_pack(mean), *_pack(mean_lo), m2]
+    packed = jnp.stack(fields)
+    g = _all_gather(packed, axis_name, axis_index_groups)
+    if isinstance(axis_name, tuple) and g.ndim > packed.ndim + 1:
+        g = g.reshape((-1, *packed.shape))
+    k = 2 if cplx else 1
+    part = [g[:, i] for i in range(len(fields))]
+    return chan_combine(part[0], _unpack(part[1:1 + k], cplx), part[-1], mean_lo=_unpack(part[1 + k:1 + 2 * k], cplx))
 
 
 def moments_keepdims(
@@ -317,11 +451,22 @@ def moments_keepdims(
     axis_name: AxisName = None,
     axis_index_groups: AxisIndexGroups = None,
     strategy: Strategy = "auto",
+    shift: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(count, mean, biased var) with reduced axes kept as size 1. Inputs pre-validated."""
-    n, mean, mean_lo, m2 = local_moments(x, red, mask)
-    if axis_name is not None:
-        n, mean, m2 = global_moments(n, mean, mean_lo, m2, axis_name, axis_index_groups, strategy)
+    """(count, mean, biased var) with reduced axes kept as size 1. Inputs pre-validated.
+
+    `shift` (keepdims, e.g. the running mean) is the value every device sums
+    about under `axis_name` with strategy "auto"/"psum" (`shifted_global_moments`);
+    it changes no result, only how often the exact fallback runs.
+    """
+    if strategy not in ("auto", "gather", "psum"):
+        raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")
+    if axis_name is not None and strategy != "gather":
+        return shifted_global_moments(x, red, mask, axis_name, axis_index_groups, shift)
+    else:
+        n, mean, mean_lo, m2 = local_moments(x, red, mask)
+        if axis_name is not None:
+            n, mean, m2 = gathered_moments(n, mean, mean_lo, m2, axis_name, axis_index_groups)
     var = m2 / jnp.maximum(n, 1.0)
     return n, mean, var
 
@@ -351,12 +496,15 @@ def moments(
       axis_name: a name or tuple of names bound by `jax.pmap`,
         `jax.shard_map` or `jax.vmap(..., axis_name=...)` to reduce across.
       axis_index_groups: `jax.lax.psum`'s groups (under `pmap` only).
-      strategy: cross-device combination: "gather" (one all-gather),
-        "psum" (two all-reduces) or "auto" (gather up to
-        `GATHER_MAX_DEVICES` participants).
+      strategy: cross-device combination: "auto" or "psum" (one
+        all-reduce of sums about 0; a second one when the data's mean is
+        more than ~32 standard deviations from 0) or "gather" (one
+        all-gather of every device's moments). Same results.
 
     Returns:
-      `Moments(mean, var, count)`, each of the feature shape.
+      `Moments(mean, var, count)`, each of the feature shape. `count` is
+      float32: the exact number of valid entries (summed in integers, on
+      each device and across devices) rounded once, so exact up to 2^24.
 
     Raises:
       TypeError: for a non-float `x` or mask.

@@ -27,7 +27,8 @@ def test_report_fields(saved):
     assert {"meta", "config", "implementations", "results", "summary"} <= set(saved)
     assert saved["implementations"] == ["flax", "jaxbn.linen", "identity"]  # identity added: BN's cost needs it
     keys = {"model", "placement", "dtype", "impl", "median_ms", "times_ms", "speedup_vs_flax", "speedup_iqr",
-            "compile_s", "temp_bytes", "bytes_accessed", "kernels", "collectives", "bn"}  # fmt: skip
+            "compile_s", "temp_bytes", "bytes_accessed", "kernels", "collectives", "bn", "kernels_all",
+            "fallback_collectives"}  # fmt: skip
     for r in saved["results"]:
         assert keys <= set(r)
         assert len(r["times_ms"]) == 2 and r["median_ms"] > 0 and r["compile_s"] > 0
@@ -78,13 +79,17 @@ def test_the_models_have_a_bn_after_every_conv():
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)")
-@pytest.mark.parametrize("placement", ["shard_map", "jit"])
+@pytest.mark.parametrize("placement", ["shard_map", "jit", "pmap"])
 def test_sharded_steps_communicate_and_identity_only_for_gradients(placement):
     case = grid.ModelCase("resnet10", 8, 16, 4)
     *_, ident = model.compile_step(case, "identity", "float32", placement)
     *_, flax = model.compile_step(case, "flax", "float32", placement)
     assert sum(ident.collectives.values()) >= 1  # the gradient mean
     assert flax.collectives["all-reduce"] > ident.collectives["all-reduce"]  # plus the BN statistics
+    if placement != "jit":  # sync BN: jaxbn runs no more collectives per step than flax's, no all-gather
+        *_, ours = model.compile_step(case, "jaxbn.linen", "float32", placement)
+        assert ours.collectives == flax.collectives
+        assert ours.fallback_collectives["all-reduce"] > 0 and ours.kernels_all > ours.kernels
 
 
 def test_bad_arguments():

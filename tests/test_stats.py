@@ -237,3 +237,20 @@ def test_unmasked_pilot_cannot_be_fooled(outlier):
     x[:: n // 8] += outlier
     x = x.astype(np.float32)
     np.testing.assert_allclose(jax.jit(jaxbn.moments)(x).var, ref.moments(x, -1)[1], rtol=1e-3)
+
+
+def test_count_past_2_24_is_the_exact_integer_rounded_once():
+    """2^24 + 3 valid rows of a (2^24 + 64, 3, 1) batch built in place (cheap), the mask broadcast over
+    axis 1: 3 * (2^24 + 3) valid entries. A float32 count rounds 2^24 + 3 before multiplying by 3
+    (3 * 2^24 + 12); the count is summed in integers and rounded once (3 * 2^24 + 8)."""
+    rows, valid = 2**24 + 64, 2**24 + 3
+
+    def f(v):
+        x = jnp.broadcast_to(v, (rows, 3, 1))
+        mask = jax.lax.broadcasted_iota(jnp.int32, (rows, 1, 1), 0) < valid
+        return jaxbn.moments(x, mask=mask)
+
+    m = jax.jit(f)(jnp.float32(2.5))
+    assert float(m.count[0]) == float(np.float32(3 * valid))  # the nearest float32 to the exact integer
+    np.testing.assert_allclose(m.mean, [2.5], rtol=1e-6)
+    np.testing.assert_allclose(m.var, [0.0], atol=1e-6)
