@@ -309,11 +309,12 @@ def _fingerprint(k: jax.Array) -> jax.Array:
 
 def _psum_flat(parts: list[jax.Array], axis_name: AxisName, groups: AxisIndexGroups) -> list[jax.Array]:
     """Sums every array of `parts` (real, any shapes) over the devices in ONE all-reduce."""
-    flat = jnp.concatenate([jnp.ravel(p) for p in parts])
+    dt = np.result_type(*(p.dtype for p in parts))  # float64 sums next to float32 counts under jax x64
+    flat = jnp.concatenate([jnp.ravel(p).astype(dt) for p in parts])
     total = lax.psum(flat, axis_name, axis_index_groups=groups)
     out, start = [], 0
     for p in parts:
-        out.append(jnp.reshape(total[start:start + p.size], p.shape))
+        out.append(jnp.reshape(total[start:start + p.size], p.shape).astype(p.dtype))
         start += p.size
     return out
 

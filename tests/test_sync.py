@@ -561,3 +561,21 @@ def test_non_finite_batch_under_sync_keeps_running_stats(where):
         np.testing.assert_allclose(new.mean[dev], want_mean, rtol=1e-5)
         np.testing.assert_allclose(new.var[dev], want_var, rtol=1e-5)
         assert int(new.count[dev]) == want_count
+
+
+@pytest.mark.parametrize("strategy", ["gather", "psum"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_float64_moments_across_devices_under_x64(strategy, masked):
+    """Under jax x64, float64 data synced over 8 devices: float64 moments to float64 rounding (the psum path
+    packed float64 sums next to float32 counts, a promotion error under strict promotion)."""
+    with jax.enable_x64(True):
+        x = X.astype(np.float64) + 1.0 / 3.0
+        mask = MASK if masked else None
+        f = jax.vmap(lambda xb, mb: jaxbn.moments(xb, axis_name="d", strategy=strategy, mask=mb), axis_name="d",
+                     in_axes=(0, 0 if masked else None))
+        got = f(x, mask)
+        mean, var, n = ref.moments(x.reshape(-1, C), mask=None if mask is None else mask.reshape(-1, 1))
+        assert got.mean.dtype == got.var.dtype == jnp.float64
+        np.testing.assert_allclose(got.mean[0], mean, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(got.var[0], var, rtol=1e-13)
+        np.testing.assert_array_equal(got.count[0], n)
