@@ -8,6 +8,9 @@ cross-device statistics, and drop-in BatchNorm modules for Flax
 The submodules load lazily: `import jaxbn` imports no framework.
 """
 
+from jaxbn._accumulate import combine_moments as combine_moments
+from jaxbn._accumulate import commit_moments as commit_moments
+from jaxbn._accumulate import empty_moments as empty_moments
 from jaxbn._fold import fold as fold
 from jaxbn._norm import batch_norm as batch_norm
 from jaxbn._norm import batch_renorm as batch_renorm
@@ -36,6 +39,9 @@ __all__ = [
     "RunningStats",
     "batch_norm",
     "batch_renorm",
+    "combine_moments",
+    "commit_moments",
+    "empty_moments",
     "fold",
     "init_stats",
     "moments",

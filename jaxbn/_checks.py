@@ -26,7 +26,7 @@ AxisIndexGroups = Sequence[Sequence[int]] | None
 
 def canonical_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...]:
     """Returns `axis` as a sorted tuple of non-negative ints, validated for `ndim`."""
-    if isinstance(axis, int):
+    if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
         axes: tuple[object, ...] = (axis,)
     elif isinstance(axis, Sequence):
         axes = tuple(axis)
@@ -36,8 +36,9 @@ def canonical_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, .
         raise ValueError(f"{name} must name at least one feature axis, got {axis!r}")
     out = []
     for a in axes:
-        if isinstance(a, bool) or not isinstance(a, int):
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
             raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}")
+        a = int(a)
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"{name}={axis!r} is out of range for an input with {ndim} dimensions "
@@ -223,15 +224,26 @@ def check_module_path(path: object, what: str) -> tuple[str, ...]:
 
 
 def check_epsilon(epsilon: object) -> None:
-    """epsilon must be a positive number."""
+    """epsilon must be a finite number > 0 (a traced value passes unchecked).
+
+    >>> check_epsilon(float("inf"))
+    Traceback (most recent call last):
+    ValueError: epsilon must be > 0 and finite, got inf: every output would be 0
+    """
     if isinstance(epsilon, jax.core.Tracer):
         return
-    if not float(epsilon) > 0.0:  # type: ignore[arg-type]
+    if isinstance(epsilon, bool | str) or not isinstance(epsilon, numbers.Real | np.ndarray | jax.Array):
+        raise TypeError(f"epsilon must be a number > 0, got {epsilon!r}")
+    value = float(epsilon)  # type: ignore[arg-type]
+    if not value > 0.0:
         raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"epsilon must be > 0 and finite, got {epsilon!r}: every output would be 0")
 
 
 def axis_size(axis_name: AxisName, axis_index_groups: AxisIndexGroups = None) -> int:
     """Number of participants in a collective over `axis_name`, or a clear NameError."""
+    check_axis_name(axis_name)
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     size = 1
     for n in names:
@@ -280,10 +292,40 @@ def check_renorm_clips(r_max: object, d_max: object) -> None:
             raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
 
 
-def check_stats_tuple(stats: object) -> tuple[ArrayLike, ArrayLike, ArrayLike]:
-    """`stats` must be a RunningStats (or a (mean, var, count) triple)."""
-    if isinstance(stats, tuple) and len(stats) == 3:
-        return stats  # type: ignore[return-value]
+def check_training(training: object, name: str = "training") -> None:
+    """`training` must be a bool (Python, numpy, or a concrete 0-d bool array): None is refused, not read as False.
+
+    >>> check_training(None)
+    Traceback (most recent call last):
+    TypeError: training must be True or False, got None; ...
+    """
+    if isinstance(training, bool | np.bool_):
+        return
+    concrete = isinstance(training, np.ndarray | jax.Array) and not isinstance(training, jax.core.Tracer)
+    if concrete and training.ndim == 0 and training.dtype == np.bool_:  # type: ignore[attr-defined]
+        return
+    if isinstance(training, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a Python bool, got a traced value {training!r}; mark it static "
+            f"(jax.jit(..., static_argnames={name!r})) or branch with jax.lax.cond"
+        )
     raise TypeError(
-        f"stats must be a jaxbn.RunningStats, got {type(stats).__name__}; build one with jaxbn.init_stats(features)"
+        f"{name} must be True or False, got {training!r}; {name}=None is not read as False: "
+        "pass training=False for inference"
     )
+
+
+def check_axis_name(axis_name: object) -> None:
+    """`axis_name` must be None, a hashable name, or a tuple of names (a list is refused).
+
+    >>> check_axis_name(["data", "model"])
+    Traceback (most recent call last):
+    TypeError: axis_name must be a name or a tuple of names, got the list ['data', 'model']; ...
+    """
+    if isinstance(axis_name, list):
+        raise TypeError(
+            f"axis_name must be a name or a tuple of names, got the list {axis_name!r}; "
+            f"pass axis_name={tuple(axis_name)!r}"
+        )
+    if not isinstance(axis_name, Hashable):
+        raise TypeError(f"axis_name must be a name or a tuple of names, got {type(axis_name).__name__} {axis_name!r}")

@@ -27,7 +27,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxbn._checks import check_epsilon, check_float
-from jaxbn._running import RunningStats
+from jaxbn._running import Moments, RunningStats
 
 __all__ = ["fold"]
 
@@ -46,6 +46,11 @@ def _stats_arrays(stats: RunningStats | Mapping[str, ArrayLike]) -> tuple[jax.Ar
                 f"batch_stats entry), got a mapping with keys {sorted(stats)}"
             )
         mean, var = stats["mean"], stats["var"]
+    elif isinstance(stats, Moments):
+        raise TypeError(
+            "stats must be the running statistics (a jaxbn.RunningStats), got a jaxbn.Moments: one batch's "
+            "moments; fold them in with jaxbn.update_stats first"
+        )
     elif hasattr(stats, "mean") and hasattr(stats, "var") and not hasattr(stats, "shape"):
         mean, var = stats.mean, stats.var
     else:

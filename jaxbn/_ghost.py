@@ -2,9 +2,14 @@
 
 In training, ``x`` of shape ``(N, ...)`` becomes ``(G, N/G, ...)`` with the
 group axis an extra feature axis, so each group is normalized with its own
-moments by one call of the functional core; the running statistics are then
-the mean of the groups' updated statistics, which is the update with the mean
-of the groups' moments because `update_stats` is affine in the moments.
+moments by one call of the functional core. The running statistics take the
+mean of the moments of the groups that contribute (have a valid entry and
+finite moments), per feature: a group that a mask hides entirely contributes
+nothing, so padding that fills whole groups gives the same update as the
+batch without it. That is the mean of the contributing groups' updated
+statistics, because `update_stats` is affine in the moments; which groups
+contributed is read from a per-group, per-feature `count` that the core
+advances exactly where it updates.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn._layout import Layout
-from jaxbn._running import RunningStats
+from jaxbn._running import RunningStats, stats_dtype
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,31 @@ class GhostBatches:
         return None if v is None else self._tiled(v)
 
     def tile_stats(self, stats: RunningStats) -> RunningStats:
-        """The running statistics, one copy per group."""
-        return RunningStats(self._tiled(stats.mean), self._tiled(stats.var), stats.count)
+        """The running statistics, one copy per group, with `count` per group and feature (see `merge`)."""
+        return RunningStats(self._tiled(stats.mean), self._tiled(stats.var), self._tiled(jnp.asarray(stats.count)))
 
     def _tiled(self, v: jax.Array) -> jax.Array:
         return jnp.broadcast_to(v, (self.groups,) + self.layout.feature_shape)
 
-    def merge(self, y: jax.Array, new: RunningStats) -> tuple[jax.Array, RunningStats]:
-        """The grouped output and per-group statistics -> x's shape and the mean of the groups' statistics."""
-        return y.reshape(self.layout.shape), RunningStats(jnp.mean(new.mean, 0), jnp.mean(new.var, 0), new.count)
+    def merge(self, y: jax.Array, new: RunningStats, old: RunningStats) -> tuple[jax.Array, RunningStats]:
+        """The grouped output and per-group updated statistics -> x's shape and the merged statistics.
+
+        `new` comes from `tile_stats(old)` through `update_stats`: where
+        `new.count` went up, that group updated that feature. Per feature,
+        the result is the mean of the updated groups' statistics (the update
+        with the mean of their moments), or `old` where no group updated;
+        `count` goes up by one if any feature of any group updated.
+        """
+        took = new.count > self._tiled(jnp.asarray(old.count))
+        k = jnp.sum(took, axis=0)
+
+        def pooled(v: jax.Array, before: jax.Array) -> jax.Array:
+            acc = stats_dtype(v.dtype)
+            total = jnp.sum(jnp.where(took, v.astype(acc), jnp.zeros_like(v, acc)), axis=0)
+            mean = total / jnp.maximum(k, 1).astype(acc)
+            return jnp.where(k > 0, mean, before.astype(acc) + jnp.zeros_like(mean)).astype(v.dtype)
+
+        count = jnp.asarray(old.count)
+        merged = RunningStats(pooled(new.mean, old.mean), pooled(new.var, old.var),
+                              count + jnp.any(took).astype(count.dtype))
+        return y.reshape(self.layout.shape), merged

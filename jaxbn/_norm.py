@@ -24,12 +24,12 @@ from jaxbn._checks import (
     check_mask,
     check_momentum,
     check_renorm_clips,
-    check_stats_tuple,
     check_trainable,
+    check_training,
 )
 from jaxbn._kernel import Reduction, affine, train_affine
 from jaxbn._layout import Layout
-from jaxbn._running import Moments, RunningStats, stats_dtype, update_stats
+from jaxbn._running import Moments, RunningStats, check_stats_type, stats_dtype, update_stats
 from jaxbn._stats import Strategy, moments_keepdims
 
 
@@ -109,7 +109,8 @@ class _Prepared:
         self.running = stats is not None
         if stats is None:  # normalize_batch: no running statistics involved
             stats = RunningStats(jnp.zeros(fshape), jnp.ones(fshape), jnp.zeros((), jnp.int32))
-        mean, var, count = check_stats_tuple(stats)
+        check_stats_type(stats)
+        mean, var, count = stats
         hint = f"; build stats with jaxbn.init_stats({fshape if len(fshape) > 1 else fshape[0]})"
         mean_, var_ = lay.check(mean, "stats.mean", hint), lay.check(var, "stats.var", hint)
         assert mean_ is not None and var_ is not None
@@ -210,12 +211,14 @@ def batch_norm(
       stats: `RunningStats` of the feature shape (`init_stats`).
       scale: optional feature-shaped scale (None: no scaling).
       bias: optional feature-shaped offset (None: no offset).
-      training: use batch statistics and update `stats`.
+      training: use batch statistics and update `stats`; a Python bool
+        (``None`` is a TypeError, not inference).
       axis: feature axis or tuple of feature axes (NCHW: `axis=1`).
       momentum: EMA decay in [0, 1] (flax convention; PyTorch 0.1 == 0.9),
         or None for the cumulative average.
       epsilon: added to the variance, > 0.
-      axis_name: axis name(s) to synchronize the statistics across.
+      axis_name: axis name(s) to synchronize the statistics across: a name
+        or a tuple of names (a list is a TypeError: pass a tuple).
       axis_index_groups: `jax.lax.psum`'s groups (pmap only).
       mask: optional bool array broadcastable to `x`; False entries are left
         out of the statistics but still normalized.
@@ -226,7 +229,10 @@ def batch_norm(
     Returns:
       `(y, new_stats)`: y has x's shape. A feature whose batch moments are
       not finite (inf/NaN in the batch) keeps its running stats; an
-      entirely masked or non-finite batch leaves `stats` as they were.
+      entirely masked or non-finite batch leaves `stats` as they were. An
+      empty batch (N=0) is an entirely masked one: with `axis_name` an empty
+      shard contributes nothing; without, training on it is the ValueError
+      for fewer than two values per feature.
 
     The derivative is a closed form (`jaxbn._kernel`): two passes over the
     data in reverse mode and only `x` kept for the backward pass. Complex
@@ -238,6 +244,7 @@ def batch_norm(
     >>> y.round(2).tolist(), stats.mean.round(2).tolist()
     ([[-1.0, -1.0], [1.0, 1.0]], [0.2, 0.4])
     """
+    check_training(training)
     call = _Prepared(x, stats, scale, bias, axis, momentum, epsilon, mask)
     out_dtype = _out_dtype(call.x, dtype)
     if not training:
@@ -316,6 +323,7 @@ def batch_renorm(
     >>> y.round(2).tolist()
     [[-1.0], [1.0]]
     """
+    check_training(training)
     call = _Prepared(x, stats, scale, bias, axis, momentum, epsilon, mask)
     check_real(call.x)
     check_renorm_clips(r_max, d_max)

@@ -126,7 +126,7 @@ def _pilot_shift(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt:
     idx = _pilot_slice(x.shape, red)
     pilot = lax.stop_gradient(x[idx].astype(dt))
     if mask is None:
-        count = math.prod(pilot.shape[a] for a in red)
+        count = max(1, math.prod(pilot.shape[a] for a in red))  # an empty batch: no pilot, shift 0
         return jnp.sum(pilot * (1.0 / count), axis=red, keepdims=True)
     pm = jnp.broadcast_to(mask, x.shape)[idx]
     inv_n = 1.0 / jnp.maximum(jnp.sum(pm, axis=red, keepdims=True, dtype=jnp.float32), 1.0)

@@ -23,7 +23,7 @@ Needs equinox (`pip install jaxbn[equinox]`); `import jaxbn` does not import it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import partial
 from typing import Literal, NamedTuple
 
@@ -36,11 +36,13 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import jaxbn
+from jaxbn._accumulate import check_apply, combine_moments, empty_moments
 from jaxbn._checks import check_mask
 from jaxbn._dtypes import output_dtype, promote
 from jaxbn._module_core import Options, forward
+from jaxbn._recompute import population_from_pool, precise_part
 
-__all__ = ["BatchNorm", "freeze"]
+__all__ = ["BatchNorm", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
 
 _MASK_HINT = "; BatchNorm sees one example (input_size, *spatial): map the mask with x under jax.vmap"
 
@@ -246,6 +248,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         out_dtype = output_dtype(x, self.weight, self.bias, None)
         options = Options(axis=0, momentum=self.momentum, epsilon=self.eps, axis_name=self.axis_name, dtype=out_dtype)
         config = _Config(bool(inference), options)
+        entry = state.get(_stats_index(self))
+        if isinstance(entry, _Accumulating | _Precise):
+            return self._pooling_call(x, state, mask_, config, entry)
         if self.mode == "batch":
             assert self.batch_counter is not None and self.batch_state_index is not None
             counter = state.get(self.batch_counter)
@@ -267,6 +272,49 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 state = state.set(self.ema_first_time_index, first_time)
                 state = state.set(self.ema_state_index, (mean, var))
         return y, state
+
+
+    def _pooling_call(
+        self, x: Array, state: State, mask: Array | None, config: _Config, entry: _Accumulating | _Precise
+    ) -> tuple[Array, State]:
+        """A call on a state from `accumulate` or `recompute_batch_stats`: normalize, pool the moments."""
+        precise = isinstance(entry, _Precise)
+        mean, var = entry.stats
+        if config.inference and not precise:  # inference as usual, with the running statistics
+            y = jaxbn.normalize(x, mean, var, self.weight, self.bias, axis=0, epsilon=self.eps,
+                                dtype=config.options.dtype)
+            return y, state
+        if self.mode == "batch" or precise:  # precise BN: every layer normalizes with its batch moments
+            mode, aux = "batch", jnp.zeros((), jnp.int32)
+        else:
+            assert self.ema_first_time_index is not None
+            mode, aux = "ema", state.get(self.ema_first_time_index)
+        y, pooled = _pool_apply(x, self.weight, self.bias, mask, aux, (mean, var), entry.pooled, mode=mode,
+                                config=config._replace(inference=False), precise=precise)
+        if isinstance(entry, _Precise):
+            return y, state.set(_stats_index(self), entry._replace(pooled=pooled, calls=entry.calls + 1))
+        return y, state.set(_stats_index(self), entry._replace(pooled=pooled))
+
+
+class _Accumulating(NamedTuple):
+    """A layer's state entry during gradient accumulation: its (mean, var) and the pool of this step."""
+
+    stats: tuple[Array, Array]
+    pooled: jaxbn.Moments
+
+
+class _Precise(NamedTuple):
+    """A layer's state entry while `recompute_batch_stats` runs: (mean, var), the pool, the number of calls."""
+
+    stats: tuple[Array, Array]
+    pooled: jaxbn.Moments
+    calls: Array
+
+
+def _stats_index(layer: BatchNorm) -> StateIndex:
+    index = layer.batch_state_index if layer.mode == "batch" else layer.ema_state_index
+    assert index is not None
+    return index
 
 
 # The two modes' maths, jitted: called eagerly under jax.vmap, one compiled
@@ -309,16 +357,36 @@ def _ema_mode(x: Array, w: Array | None, b: Array | None, mask: Array | None, st
     o = c.options
     if not c.inference:
         batch = jaxbn.moments(x, axis=0, mask=mask, axis_name=o.axis_name)
-        stats = jaxbn.RunningStats(mean, var, jnp.zeros((), jnp.int32))
-        # The first training call takes the batch moments as they are.
-        ema = jaxbn.update_stats(stats, batch, momentum=o.momentum)
-        first = jaxbn.update_stats(stats, batch, momentum=0.0)
-        mean = jnp.where(first_time, first.mean, ema.mean)
-        var = jnp.where(first_time, first.var, ema.var)
-        # A batch that update_stats skips (all masked, not finite) does not use up the first time.
-        first_time = jnp.logical_and(first_time, first.count == 0)
+        first_time, mean, var = _ema_fold(state, batch, o.momentum)
     y = jaxbn.normalize(x, mean, var, w, b, axis=0, epsilon=o.epsilon, dtype=o.dtype)
     return y, (first_time, mean, var)
+
+
+def _ema_fold(state: _State, batch: jaxbn.Moments, momentum: float | None) -> _State:
+    """"ema" mode's update of (first_time, mean, var) with a batch's moments."""
+    first_time, mean, var = state
+    stats = jaxbn.RunningStats(mean, var, jnp.zeros((), jnp.int32))
+    # The first training call takes the batch moments as they are.
+    ema = jaxbn.update_stats(stats, batch, momentum=momentum)
+    first = jaxbn.update_stats(stats, batch, momentum=0.0)
+    mean = jnp.where(first_time, first.mean, ema.mean)
+    var = jnp.where(first_time, first.var, ema.var)
+    # A batch that update_stats skips (all masked, not finite) does not use up the first time.
+    return jnp.logical_and(first_time, first.count == 0), mean, var
+
+
+@partial(jax.jit, static_argnames=("mode", "config", "precise"))
+def _pool_apply(
+    x: Array, w: Array | None, b: Array | None, mask: Array | None, aux: Array, stats: tuple[Array, Array],
+    pooled: jaxbn.Moments, *, mode: str, config: _Config, precise: bool,
+) -> tuple[Array, jaxbn.Moments]:
+    """A training call's output (running statistics not updated) and the pool with this batch's moments."""
+    with jax.named_scope("jaxbn.equinox.BatchNorm"):
+        run = _batch_mode if mode == "batch" else _ema_mode
+        y, _ = run(x, w, b, mask, (aux, *stats), config)
+        part = jaxbn.moments(x, axis=0, mask=mask, axis_name=config.options.axis_name)
+        part = jax.tree.map(jax.lax.stop_gradient, precise_part(part) if precise else part)
+        return y, combine_moments(pooled, part)
 
 
 def freeze(model: eqx.Module) -> eqx.Module:
@@ -347,3 +415,251 @@ def freeze(model: eqx.Module) -> eqx.Module:
     """
     is_bn = lambda m: isinstance(m, BatchNorm)  # noqa: E731
     return jax.tree.map(lambda m: eqx.tree_at(lambda b: b.inference, m, True) if is_bn(m) else m, model, is_leaf=is_bn)
+
+
+def _layers(model: object) -> list[BatchNorm]:
+    """The jaxbn BatchNorm layers of `model`, each once (a shared layer has one state entry)."""
+    found = jax.tree.leaves(model, is_leaf=lambda node: isinstance(node, BatchNorm))
+    layers: dict[object, BatchNorm] = {}
+    for layer in found:
+        if isinstance(layer, BatchNorm):
+            layers.setdefault(_stats_index(layer).marker, layer)
+    return list(layers.values())
+
+
+def _with_entries(state: State, entries: dict[object, object]) -> State:
+    """A new `State` with the entries of the given markers replaced (`state` itself stays valid)."""
+    values, keys = state.tree_flatten()
+    return State.tree_unflatten(keys, [entries.get(k, v) for k, v in zip(keys, values, strict=True)])
+
+
+def _no_layer(model: object, what: str) -> ValueError:
+    return ValueError(f"{type(model).__name__} has no jaxbn.equinox.BatchNorm layer to {what}")
+
+
+def accumulate(model: object, state: State, *, enable: bool = True) -> State:
+    """A state in which every `jaxbn.equinox.BatchNorm` of `model` accumulates moments (or the usual state back).
+
+    Gradient accumulation: called with the returned state, a training layer
+    normalizes as usual (with the micro-batch's moments in "batch" mode, its
+    "ema" normalization in "ema" mode) but leaves its running statistics
+    alone and pools the moments of its input into the state (Chan's
+    combination, `jaxbn.combine_moments`); `commit_moments` then updates the
+    statistics once per optimizer step. The state's structure stays the same
+    from call to call, so it can be a `jax.lax.scan` carry or live beside an
+    `optax.MultiSteps` state. `enable=False` gives back a state with
+    equinox's layout (commit first: pending moments are dropped).
+
+    Args:
+      model: a model containing `jaxbn.equinox.BatchNorm` layers.
+      state: its `eqx.nn.State` (not invalidated).
+      enable: accumulate (True) or return to the usual state (False).
+
+    Returns:
+      The new state.
+
+    Raises:
+      ValueError: if the model has no jaxbn BatchNorm layer.
+
+    >>> import jax, jax.numpy as jnp, equinox as eqx, jaxbn.equinox
+    >>> bn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(1, "batch", mode="batch")
+    >>> acc = jaxbn.equinox.accumulate(bn, state)
+    >>> _, acc = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(jnp.ones((3, 1)), acc)
+    >>> plain = jaxbn.equinox.accumulate(bn, acc, enable=False)   # not committed: statistics unchanged
+    >>> [v.tolist() for v in plain.get(bn.batch_state_index)]
+    [[0.0], [1.0]]
+    """
+    layers = _layers(model)
+    if not layers:
+        raise _no_layer(model, "accumulate moments for")
+    entries: dict[object, object] = {}
+    for layer in layers:
+        index = _stats_index(layer)
+        entry = state.get(index)
+        stats = entry.stats if isinstance(entry, _Accumulating | _Precise) else tuple(entry)
+        if enable:
+            pooled = entry.pooled if isinstance(entry, _Accumulating) else empty_moments(
+                layer.input_size, jnp.result_type(stats[0]))
+            entries[index.marker] = _Accumulating(stats, pooled)
+        else:
+            entries[index.marker] = stats
+    return _with_entries(state, entries)
+
+
+def _select(flag: Array | bool, new: object, old: object) -> object:
+    if isinstance(flag, bool):
+        return new if flag else old
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)
+
+
+def commit_moments(model: object, state: State, *, apply: ArrayLike = True) -> State:
+    """The step boundary of gradient accumulation: one running-stat update per layer from its pooled moments.
+
+    For every layer of `model` accumulating in `state` (see `accumulate`):
+    "batch" mode folds the pool into the running statistics with the layer's
+    momentum (`jaxbn.commit_moments`: exactly one training step on the whole
+    batch) and counts one step; "ema" mode folds it in as its training call
+    would (the first step takes it as it is). The pools are emptied.
+
+    Args:
+      model: the model whose layers accumulated.
+      state: the accumulating state (not invalidated).
+      apply: whether this is the step boundary: a bool or a scalar bool array,
+        e.g. ``optax.MultiSteps(...).has_updated(opt_state)``; where False
+        the state comes back unchanged.
+
+    Returns:
+      The new (still accumulating) state.
+
+    Raises:
+      ValueError: if no layer accumulates in `state` (call `accumulate`).
+
+    >>> import jax, jax.numpy as jnp, equinox as eqx, jaxbn.equinox
+    >>> bn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(1, "batch", momentum=0.5, mode="batch")
+    >>> state = jaxbn.equinox.accumulate(bn, state)
+    >>> step = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    >>> _, state = step(jnp.array([[0.0], [2.0]]), state)
+    >>> _, state = step(jnp.array([[4.0], [6.0]]), state)
+    >>> state = jaxbn.equinox.commit_moments(bn, state)
+    >>> [v.tolist() for v in jaxbn.equinox.accumulate(bn, state, enable=False).get(bn.batch_state_index)]
+    [[1.5], [3.0]]
+    """
+    flag = check_apply(apply)
+    layers = [layer for layer in _layers(model) if isinstance(state.get(_stats_index(layer)), _Accumulating)]
+    if not layers:
+        raise ValueError(
+            f"no jaxbn.equinox.BatchNorm layer of {type(model).__name__} accumulates moments in this state; "
+            "pass the state returned by jaxbn.equinox.accumulate(model, state)"
+        )
+    entries: dict[object, object] = {}
+    for layer in layers:
+        entry = state.get(_stats_index(layer))
+        mean, var = entry.stats
+        empty = jax.tree.map(jnp.zeros_like, entry.pooled)
+        if layer.mode == "batch":
+            assert layer.batch_counter is not None
+            counter = state.get(layer.batch_counter)
+            new, pooled = jaxbn.commit_moments(
+                jaxbn.RunningStats(mean, var, counter), entry.pooled, apply=flag, momentum=layer.momentum
+            )
+            entries[layer.batch_counter.marker] = counter + jnp.where(new.count > counter, 1, 0)
+            entries[_stats_index(layer).marker] = _Accumulating(
+                (new.mean.astype(mean.dtype), new.var.astype(var.dtype)), pooled)
+        else:
+            assert layer.ema_first_time_index is not None
+            first_time = state.get(layer.ema_first_time_index)
+            new_state = _ema_fold((first_time, mean, var), entry.pooled, layer.momentum)
+            first_time, mean, var = _select(flag, new_state, (first_time, mean, var))  # type: ignore[misc]
+            entries[layer.ema_first_time_index.marker] = first_time
+            pool = _select(flag, empty, entry.pooled)
+            assert isinstance(pool, jaxbn.Moments)
+            entries[_stats_index(layer).marker] = _Accumulating((mean, var), pool)
+    return _with_entries(state, entries)
+
+
+def recompute_batch_stats(
+    model: object,
+    state: State,
+    batches: Iterable[object],
+    forward: Callable[..., tuple[object, State]] | None = None,
+) -> State:
+    """Replaces every BatchNorm layer's running statistics by its input's population statistics.
+
+    "Precise BN", with `jaxbn.linen.recompute_batch_stats`'s semantics: the
+    model runs over `batches` with every `jaxbn.equinox.BatchNorm`
+    normalizing with its batch moments (whatever its mode or `inference`
+    flag), and each layer's stored mean and variance become the
+    count-weighted mean of its input over every valid entry of every batch
+    and the biased variance about it (so the spread of the batch means
+    counts too). Masks are respected; a batch whose moments are not finite
+    is left out per feature, as a training update leaves it out; features
+    no batch reached keep their values. "batch" mode's counter becomes the
+    number of batches; "ema" mode's first-time flag is cleared once a
+    feature got data.
+
+    Args:
+      model: a model containing `jaxbn.equinox.BatchNorm` layers.
+      state: its `eqx.nn.State` (not invalidated; parameters untouched).
+      batches: an iterable of inputs; a tuple is spread as arguments of `forward`.
+      forward: ``forward(model, state, *batch) -> (output, state)``, the
+        batched call of the model (what the training step does). Default:
+        ``jax.vmap(model, axis_name=name, in_axes=(0, None), out_axes=(0, None))(x, state)``
+        with the one `axis_name` every layer shares.
+
+    Returns:
+      A new state with the recomputed statistics (equinox's layout).
+
+    Raises:
+      ValueError: if the model has no jaxbn BatchNorm layer, `batches` is
+        empty, a layer was never called, or `forward` is needed (layers with
+        different or composite axis names) but not given.
+
+    >>> import jax.numpy as jnp, equinox as eqx, jaxbn.equinox
+    >>> bn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(1, "batch", mode="batch")
+    >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]
+    >>> state = jaxbn.equinox.recompute_batch_stats(bn, state, batches)
+    >>> [v.tolist() for v in state.get(bn.batch_state_index)], int(state.get(bn.batch_counter))
+    ([[3.0], [5.0]], 2)
+    """
+    layers = _layers(model)
+    if not layers:
+        raise _no_layer(model, "recompute")
+    if forward is None:
+        forward = _default_forward(layers)
+    entries: dict[object, object] = {}
+    for layer in layers:
+        entry = state.get(_stats_index(layer))
+        stats = entry.stats if isinstance(entry, _Accumulating | _Precise) else tuple(entry)
+        empty = empty_moments(layer.input_size, jnp.result_type(stats[0]))
+        entries[_stats_index(layer).marker] = _Precise(stats, empty, jnp.zeros((), jnp.int32))
+    collecting = _with_entries(state, entries)
+    run = eqx.filter_jit(lambda m, s, args: forward(m, s, *args)[1])
+    n_batches = 0
+    for batch in batches:
+        collecting = run(model, collecting, batch if isinstance(batch, tuple) else (batch,))
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")
+    missing = sum(int(collecting.get(_stats_index(layer)).calls) == 0 for layer in layers)
+    if missing:
+        raise ValueError(
+            f"{missing} jaxbn.equinox.BatchNorm layer(s) of {type(model).__name__} were never called on the "
+            "batches; recompute_batch_stats needs every layer to see the data (check `forward`)"
+        )
+    entries = {}
+    for layer in layers:
+        entry = collecting.get(_stats_index(layer))
+        old_mean, old_var = entry.stats
+        mean, var = population_from_pool(entry.pooled, old_mean, old_var, unbiased=False)
+        entries[_stats_index(layer).marker] = (mean.astype(old_mean.dtype), var.astype(old_var.dtype))
+        if layer.mode == "batch":
+            assert layer.batch_counter is not None
+            counter = state.get(layer.batch_counter)
+            entries[layer.batch_counter.marker] = jnp.asarray(n_batches, jnp.result_type(counter))
+        else:
+            assert layer.ema_first_time_index is not None
+            first_time = state.get(layer.ema_first_time_index)
+            entries[layer.ema_first_time_index.marker] = jnp.logical_and(first_time, jnp.all(entry.pooled.count == 0))
+    return _with_entries(state, entries)
+
+
+def _default_forward(layers: list[BatchNorm]) -> Callable[..., tuple[object, State]]:
+    names = {_hashable(layer.axis_name) for layer in layers}
+    if len(names) != 1 or isinstance(next(iter(names)), tuple):
+        raise ValueError(
+            f"the BatchNorm layers have the axis names {sorted(names, key=repr)}: pass "
+            "forward=lambda model, state, x: ... (the batched call of your training step)"
+        )
+    (name,) = names
+
+    def vmapped(model: Callable[..., tuple[object, State]], state: State, x: Array) -> tuple[object, State]:
+        return jax.vmap(model, axis_name=name, in_axes=(0, None), out_axes=(0, None))(x, state)
+
+    return vmapped
+
+
+def _hashable(axis_name: Hashable | Sequence[Hashable]) -> Hashable:
+    """equinox accepts a sequence (e.g. a list) of names: as a tuple."""
+    if isinstance(axis_name, Sequence) and not isinstance(axis_name, str):
+        return tuple(axis_name)
+    return axis_name

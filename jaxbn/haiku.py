@@ -32,8 +32,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import haiku as hk
 import jax
@@ -41,13 +41,66 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbn._accumulate import check_apply, combine_moments, empty_moments
 from jaxbn._checks import check_broadcast, check_mask
-from jaxbn._dtypes import as_float, promote
+from jaxbn._dtypes import promote
 from jaxbn._norm import normalize, normalize_batch
-from jaxbn._running import contributes, stats_dtype
+from jaxbn._recompute import population_from_pool, precise_part
+from jaxbn._running import Moments, contributes, narrow_float, stats_dtype, warn_narrow_state
 from jaxbn._stats import moments
 
-__all__ = ["BatchNorm", "freeze"]
+__all__ = ["BatchNorm", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
+
+# A BatchNorm's own state bundle holds these while it pools moments (gradient accumulation, precise BN).
+_POOL = ("pooled_mean", "pooled_var", "pooled_count")
+_DECAY = "decay"  # the layer's decay_rate, for the update outside the transform
+_CALLS = "calls"  # precise BN only: the number of calls, to find layers the batches never reached
+_EMAS = ("/~/mean_ema", "/~/var_ema")
+
+
+class _EMAStep(NamedTuple):
+    """One step of haiku's zero-debiased EMA, before skipped entries are kept (`_ema_keep`)."""
+
+    counter: jax.Array  # the new counter: up by one when some entry is valid
+    hidden: jax.Array  # the new hidden value of every entry, as if it were valid
+    average: jax.Array  # the new debiased average of every entry, as if it were valid
+    debias: jax.Array  # 1 - decay ** counter
+    fresh: jax.Array  # entries with no valid batch yet (counter 0, or a skip marked hidden -0.0)
+
+
+def _ema_step(
+    counter: jax.Array, hidden: jax.Array, value: jax.Array, valid: jax.Array, decay: jax.typing.ArrayLike
+) -> _EMAStep:
+    """haiku's zero-debiased EMA step, in the dtype of `value`; an entry skipped before its first valid
+    batch (hidden marked -0.0, which haiku's rule never produces from its zero start) takes `value` exactly."""
+    counter_new = counter + jnp.any(valid).astype(counter.dtype)
+    decay = lax.convert_element_type(decay, value.real.dtype)
+    one = jnp.ones((), decay.dtype)
+    debias = jnp.where(counter_new > 0, one - lax.pow(decay, counter_new), one)
+    old_hidden = hidden.astype(value.dtype)
+    marked = (old_hidden == 0) & jnp.signbit(old_hidden.real)
+    fresh = (counter == 0) | marked
+    hidden_new = jnp.where(marked, value * debias, old_hidden * decay + value * (one - decay))
+    average_new = jnp.where(marked, value, hidden_new / debias)
+    return _EMAStep(counter_new, hidden_new, average_new, debias, fresh)
+
+
+def _ema_keep(
+    step: _EMAStep, valid: jax.Array, counter: jax.Array, hidden: jax.Array, average: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`(hidden, average)` after `step`, in the state's dtypes: a skipped entry keeps its average, and its hidden
+    is re-debiased to the new counter (-0.0 while it is still fresh); nothing valid at all is a no-op."""
+    old_hidden, old_average = hidden.astype(step.hidden.dtype), average.astype(step.average.dtype)
+    kept_hidden = jnp.where(step.fresh, -jnp.zeros_like(old_hidden), old_average * step.debias)
+    kept_hidden = jnp.where(step.counter == counter, old_hidden, kept_hidden)
+    hidden_new = jnp.where(valid, step.hidden, kept_hidden).astype(hidden.dtype)
+    average_new = jnp.where(valid, step.average, old_average).astype(average.dtype)
+    return hidden_new, average_new
+
+
+def _keep(valid: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """`new` where `valid`, else `old`, in the dtype of `old` (the state's)."""
+    return jnp.where(valid, new, old.astype(new.dtype)).astype(old.dtype)
 
 
 class _GuardedEMA(hk.ExponentialMovingAverage):
@@ -58,14 +111,35 @@ class _GuardedEMA(hk.ExponentialMovingAverage):
         hidden = d * hidden + (1 - d) * value
         average = hidden / (1 - d ** counter)
 
-    Entries where `valid` is False keep their `hidden` and `average`; the
-    counter (one scalar) goes up only when at least one entry is valid, so
-    an entirely skipped batch changes nothing. The update is computed in the
-    dtype of `value` (float32 or wider) and stored in the dtype of the state
-    it was given. As in haiku, `average` is created by the first update (so
-    the state `init` returns holds the first batch's statistics); an entry
-    not valid then starts at `empty` (0 for the mean, 1 for the variance:
-    inference before any valid batch is then the identity).
+    which is exactly haiku's for every entry that is valid in every update.
+    haiku keeps one scalar `counter` per EMA, so an entry that is skipped
+    (`valid` False: masked out or not finite) while others update cannot
+    have a debias of its own. What the state allows is kept exact:
+
+    * a skipped entry keeps its `average` exactly (inference reads only
+      `average`), and its `hidden` is set to ``average * (1 - d ** counter)``
+      so that haiku's invariant ``average = hidden / (1 - d ** counter)``
+      still holds (haiku itself can go on training from the checkpoint);
+    * an entry skipped before its first valid batch takes that batch's
+      value exactly when it comes (as haiku's first update does): its
+      `hidden` holds ``-0.0`` until then, a sign bit that haiku's own
+      update never produces from its zero start;
+    * afterwards, the entry is the debiased EMA of the sequence in which each
+      skipped step holds the entry's running average at that step (and
+      steps before its first valid batch hold that batch). What it cannot
+      be is the debiased EMA of the entry's valid batches alone: that needs
+      a counter per entry, which haiku's layout does not have. After ``s``
+      skips in ``k`` updates, the next batch weighs ``(1 - d) / (1 - d ** (k + 1))``
+      instead of ``(1 - d) / (1 - d ** (k + 1 - s))``.
+
+    The counter (one scalar) goes up only when at least one entry is valid,
+    so an entirely skipped batch changes nothing. The update is computed in
+    the dtype of `value` (float32 or wider) and stored in the dtype of the
+    state it was given (a bfloat16/float16 state warns: it stops moving).
+    As in haiku, `average` is created by the first update (so the state
+    `init` returns holds the first batch's statistics); an entry not valid
+    then starts at `empty` (0 for the mean, 1 for the variance: inference
+    before any valid batch is then the identity).
     """
 
     def __init__(self, decay: float, *, empty: float, name: str | None = None):
@@ -80,19 +154,16 @@ class _GuardedEMA(hk.ExponentialMovingAverage):
             valid = jnp.ones(value.shape, jnp.bool_)
         counter = hk.get_state("counter", (), jnp.int32, init=jnp.zeros)
         hidden = hk.get_state("hidden", value.shape, value.dtype, init=jnp.zeros)
-        counter_new = counter + jnp.any(valid).astype(counter.dtype)
-        decay = lax.convert_element_type(self.decay, value.real.dtype)
-        one = jnp.ones((), decay.dtype)
-        hidden_new = hidden.astype(value.dtype) * decay + value * (one - decay)
-        debias = jnp.where(counter_new > 0, one - lax.pow(decay, counter_new), one)
-        average_new = hidden_new / debias
+        if narrow_float(hidden.dtype):
+            warn_narrow_state(hidden.dtype, self.decay, "jaxbn.haiku.BatchNorm")
+        step = _ema_step(counter, hidden, value, valid, self.decay)
+        counter_new, average_new = step.counter, step.average
 
         def first_average(shape: Sequence[int], dtype: jax.typing.DTypeLike) -> jax.Array:
             return jnp.where(valid, average_new, jnp.full(shape, self.empty, value.dtype)).astype(dtype)
 
         average = hk.get_state("average", value.shape, value.dtype, init=first_average)
-        hidden_new = jnp.where(valid, hidden_new, hidden.astype(value.dtype)).astype(hidden.dtype)
-        average_new = jnp.where(valid, average_new, average.astype(value.dtype)).astype(average.dtype)
+        hidden_new, average_new = _ema_keep(step, valid, counter, hidden, average)
         if update_stats:
             hk.set_state("counter", counter_new)
             hk.set_state("hidden", hidden_new)
@@ -127,7 +198,19 @@ class BatchNorm(hk.Module):
 
     Parameters are shaped like the input with 1 on the reduced axes, in the
     input's dtype; the state holds float32 (or wider) statistics in that
-    shape.
+    shape (float64 under jax x64 for float64 or integer input, as haiku).
+
+    Features skipped on their own (masked out, or inf/NaN in them) while
+    others update: haiku's state has one scalar ``counter``, so a skipped
+    feature keeps its ``average`` exactly (inference reads only that) and
+    its ``hidden`` is re-debiased so that ``average = hidden / (1 - decay **
+    counter)`` still holds; a feature skipped before its first valid batch
+    takes that batch exactly. In general its ``average`` is the debiased EMA
+    over the counted steps of its batch values, each skipped step holding
+    its average as it stood then. It cannot be the debiased EMA of its valid
+    batches alone (that needs a counter per feature): after ``s`` skips in
+    ``k`` counted steps its next batch weighs ``(1 - d) / (1 - d ** (k + 1))``
+    instead of ``(1 - d) / (1 - d ** (k + 1 - s))``. See docs/haiku.md.
 
     >>> import haiku as hk, jax.numpy as jnp, jaxbn.haiku
     >>> f = hk.transform_with_state(lambda x, t: jaxbn.haiku.BatchNorm(True, True, 0.9)(x, t))
@@ -184,6 +267,27 @@ class BatchNorm(hk.Module):
                 raise ValueError(f"axis={self.axis!r} is out of range for inputs with {ndim} dimensions")
         return tuple(sorted({a % ndim for a in axes}))
 
+    def _pooling(self) -> str | None:
+        """"accumulate" or "precise" when the state holds this layer's pools (`accumulate`,
+        `recompute_batch_stats`), else None."""
+        # Read, not hk.get_state: asking for a missing state would add an empty entry to the state.
+        bundle = hk.experimental.get_current_state().get(self.module_name, {})
+        if _POOL[0] not in bundle:
+            return None
+        return "precise" if _CALLS in bundle else "accumulate"
+
+    def _pool_moments(self, m: Moments, w_shape: tuple[int, ...], *, precise: bool) -> None:
+        """Pools this call's moments into the state (Chan's combination) instead of updating the averages."""
+        part = Moments(*(jax.lax.stop_gradient(v).reshape(w_shape) for v in m))
+        if precise:
+            part = precise_part(part)
+            hk.set_state(_CALLS, hk.get_state(_CALLS) + 1)
+        old = [hk.get_state(name) for name in _POOL]
+        pooled = combine_moments(Moments(*old), part)
+        for name, value, stored in zip(_POOL, pooled, old, strict=True):
+            hk.set_state(name, value.astype(stored.dtype))
+        hk.set_state(_DECAY, jnp.asarray(self.mean_ema.decay, jnp.float32))
+
     def __call__(
         self,
         inputs: jax.typing.ArrayLike,
@@ -218,7 +322,9 @@ class BatchNorm(hk.Module):
         mask = check_mask(mask, x.shape, target="inputs")
         reduced = self._reduced_axes(x.ndim)
         w_shape = tuple(1 if i in reduced else d for i, d in enumerate(x.shape))
-        x_float = as_float(x)  # integers promoted as haiku's jnp.mean promotes them
+        # Integers and bools are promoted as haiku's jnp.mean promotes them: to the default float
+        # (float64 under jax x64, so int64 input gives float64 output and statistics, as in haiku).
+        x_float = x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.result_type(float))
         sdt = stats_dtype(x_float.dtype)
         # The core wants >= 1 feature axis: with every axis reduced (or a
         # scalar input), a trailing feature axis of size 1 is added.
@@ -243,6 +349,9 @@ class BatchNorm(hk.Module):
         k_scale, k_offset = (scale, offset) if fused else (None, None)
         k_dtype = out_dtype if fused else sdt
 
+        pooling = self._pooling()
+        if pooling == "precise":  # recompute_batch_stats: every layer normalizes with its batch moments
+            is_training = True
         if is_training or test_local_stats:
             axis_name = self.cross_replica_axis or None
             if isinstance(axis_name, list):
@@ -255,7 +364,9 @@ class BatchNorm(hk.Module):
             else:  # the closed-form kernel: one pass of moments, x the only full-size residual
                 y, m = normalize_batch(xs, k_scale, k_offset, axis=feat, epsilon=self.eps, axis_name=axis_name,
                                        axis_index_groups=groups, mask=mask, dtype=k_dtype)
-            if is_training:
+            if is_training and pooling is not None:
+                self._pool_moments(m, w_shape, precise=pooling == "precise")
+            elif is_training:
                 valid = contributes(m).reshape(w_shape)
                 self.mean_ema(m.mean.reshape(w_shape), valid=valid)
                 self.var_ema(m.var.reshape(w_shape), valid=valid)
@@ -331,3 +442,219 @@ def freeze(fn: Callable[..., Any], *, affine: bool = True) -> Callable[..., Any]
             return fn(*args, **kwargs)
 
     return frozen
+
+
+def _layers(state: Mapping[str, Any]) -> list[str]:
+    """The module names of the batch norms in a haiku state (bundles `name/~/mean_ema` and `name/~/var_ema`)."""
+    names = [k[: -len(_EMAS[0])] for k in state if k.endswith(_EMAS[0])]
+    return [n for n in names if n + _EMAS[1] in state and "average" in state[n + _EMAS[0]]]
+
+
+def _no_layer(what: str) -> ValueError:
+    return ValueError(
+        f"the state has no batch norm to {what} (no 'name/~/mean_ema' and 'name/~/var_ema' entries): pass the "
+        "state of a transformed function using jaxbn.haiku.BatchNorm, after init"
+    )
+
+
+def _empty_pool(state: Mapping[str, Any], name: str) -> dict[str, jax.Array]:
+    average = jnp.asarray(state[name + _EMAS[0]]["average"])
+    pool = dict(zip(_POOL, empty_moments(average.shape, average.dtype), strict=True))
+    return {**pool, _DECAY: jnp.full((), jnp.nan, jnp.float32)}
+
+
+def accumulate(state: Mapping[str, Any], *, enable: bool = True) -> dict[str, Any]:
+    """A haiku state in which every `jaxbn.haiku.BatchNorm` accumulates moments (or the usual state back).
+
+    Gradient accumulation: applied with the returned state, a training layer
+    normalizes with its micro-batch's moments as usual but leaves its moving
+    averages alone and pools the moments of its input (Chan's combination,
+    `jaxbn.combine_moments`) into its own state entry (``name`` beside
+    ``name/~/mean_ema``); `commit_moments` updates the averages once per
+    optimizer step. The state's structure stays the same from call to call
+    (a `jax.lax.scan` carry, or beside an `optax.MultiSteps` state).
+    `enable=False` removes the pools (commit first: pending moments are dropped).
+
+    Args:
+      state: the state of a `hk.transform_with_state` function (after `init`).
+      enable: accumulate (True) or return to the usual state (False).
+
+    Returns:
+      The new state (a dict; `state` is not modified).
+
+    Raises:
+      ValueError: if the state holds no batch norm.
+
+    >>> import haiku as hk, jax.numpy as jnp, jaxbn.haiku
+    >>> f = hk.transform_with_state(lambda x: jaxbn.haiku.BatchNorm(False, False, 0.9)(x, True))
+    >>> params, state = f.init(None, jnp.zeros((2, 1)))
+    >>> acc = jaxbn.haiku.accumulate(state)
+    >>> sorted(acc["batch_norm"])
+    ['decay', 'pooled_count', 'pooled_mean', 'pooled_var']
+    >>> sorted(jaxbn.haiku.accumulate(acc, enable=False)) == sorted(state)
+    True
+    """
+    names = _layers(state)
+    if not names:
+        raise _no_layer("accumulate moments for")
+    out = dict(state)
+    for n in names:
+        bundle = {k: v for k, v in state.get(n, {}).items() if k not in (*_POOL, _DECAY, _CALLS)}
+        if enable:
+            pooling = _POOL[0] in state.get(n, {}) and _CALLS not in state[n]
+            bundle.update({k: state[n][k] for k in (*_POOL, _DECAY)} if pooling else _empty_pool(state, n))
+        if bundle:
+            out[n] = bundle
+        else:
+            out.pop(n, None)  # haiku's own layout has no entry for the layer itself
+    return out
+
+
+def commit_moments(state: Mapping[str, Any], *, apply: jax.typing.ArrayLike = True) -> dict[str, Any]:
+    """The step boundary of gradient accumulation: one moving-average update per layer from its pooled moments.
+
+    Every accumulating layer (see `accumulate`) folds its pooled moments into
+    `mean_ema` and `var_ema` as one training call on the whole batch would
+    (haiku's zero-debiased EMA with the layer's `decay_rate`; features with no
+    valid entry or non-finite moments are left alone) and empties its pool.
+
+    Args:
+      state: the accumulating state.
+      apply: whether this is the step boundary: a bool or a scalar bool array,
+        e.g. ``optax.MultiSteps(...).has_updated(opt_state)``; where False
+        the state comes back unchanged.
+
+    Returns:
+      The new (still accumulating) state; `state` is not modified.
+
+    Raises:
+      ValueError: if no layer accumulates in `state` (call `accumulate`).
+
+    >>> import haiku as hk, jax.numpy as jnp, jaxbn.haiku
+    >>> f = hk.transform_with_state(lambda x: jaxbn.haiku.BatchNorm(False, False, 0.5)(x, True))
+    >>> params, state = f.init(None, jnp.zeros((2, 1)))
+    >>> state = jaxbn.haiku.accumulate(state)
+    >>> _, state = f.apply(params, state, None, jnp.array([[0.0], [2.0]]))
+    >>> _, state = f.apply(params, state, None, jnp.array([[4.0], [6.0]]))
+    >>> state = jaxbn.haiku.commit_moments(state)
+    >>> state["batch_norm/~/mean_ema"]["average"].tolist(), state["batch_norm/~/var_ema"]["average"].tolist()
+    ([[3.0]], [[5.0]])
+    """
+    flag = check_apply(apply)
+    names = [n for n in _layers(state) if n in state and _POOL[0] in state[n] and _CALLS not in state[n]]
+    if not names:
+        raise ValueError("no batch norm accumulates moments in this state; pass jaxbn.haiku.accumulate(state)")
+    out = dict(state)
+    for name in names:
+        pool = state[name]
+        pooled = Moments(*(jnp.asarray(pool[k]) for k in _POOL))
+        valid = contributes(pooled)
+        for suffix, value in zip(_EMAS, (pooled.mean, pooled.var), strict=True):
+            ema = state[name + suffix]
+            counter, hidden, average = (jnp.asarray(ema[k]) for k in ("counter", "hidden", "average"))
+            step = _ema_step(counter, hidden, value, valid, pool[_DECAY])
+            hidden_new, average_new = _ema_keep(step, valid, counter, hidden, average)
+            new = {"counter": step.counter, "hidden": hidden_new, "average": average_new}
+            old = {"counter": counter, "hidden": hidden, "average": average}
+            out[name + suffix] = {**ema, **_where(flag, new, old)}
+        empty = {k: jnp.zeros_like(pool[k]) for k in _POOL}
+        out[name] = {**pool, **_where(flag, empty, {k: pool[k] for k in _POOL})}
+    return out
+
+
+def _where(flag: jax.Array | bool, new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(flag, bool):
+        return new if flag else old
+    return {k: jnp.where(flag, new[k], old[k]) for k in new}
+
+
+def recompute_batch_stats(
+    f: hk.TransformedWithState,
+    params: hk.Params,
+    state: hk.State,
+    batches: Iterable[object],
+    *,
+    rng: jax.Array | None = None,
+    **apply_kwargs: Any,
+) -> dict[str, Any]:
+    """Replaces every BatchNorm layer's moving averages by its input's population statistics.
+
+    "Precise BN", with `jaxbn.linen.recompute_batch_stats`'s semantics:
+    ``f.apply(params, state, rng, *batch, **apply_kwargs)`` runs on every
+    element of `batches` (a tuple is spread as positional arguments) with
+    every `jaxbn.haiku.BatchNorm` normalizing with its batch moments
+    (whatever `is_training` says) and leaving its averages alone; then each
+    layer's `mean_ema` / `var_ema` ``average`` become the count-weighted mean
+    of its input over every valid entry of every batch and the biased
+    variance about it (the spread of the batch means counts too). Masks are
+    respected; a batch whose moments are not finite is left out per feature;
+    features no batch reached keep their values. ``counter`` becomes the
+    number of batches and ``hidden`` is set to match it (``average * (1 -
+    decay ** counter)``), so later training continues haiku's EMA from there.
+
+    Args:
+      f: the `hk.transform_with_state` of a function using `jaxbn.haiku.BatchNorm`.
+      params: its parameters (untouched).
+      state: its state (not modified).
+      batches: an iterable of inputs.
+      rng: the `rng` passed to `f.apply`.
+      **apply_kwargs: passed to every `f.apply` call.
+
+    Returns:
+      The new state (haiku's layout).
+
+    Raises:
+      ValueError: if the state holds no batch norm, `batches` is empty, or a
+        layer was never called.
+
+    >>> import haiku as hk, jax.numpy as jnp, jaxbn.haiku
+    >>> f = hk.transform_with_state(lambda x, training: jaxbn.haiku.BatchNorm(False, False, 0.9)(x, training))
+    >>> params, state = f.init(None, jnp.zeros((2, 1)), True)
+    >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [6.0]])]
+    >>> state = jaxbn.haiku.recompute_batch_stats(f, params, state, batches, training=False)
+    >>> state["batch_norm/~/mean_ema"]["average"].tolist(), state["batch_norm/~/var_ema"]["average"].tolist()
+    ([[3.0]], [[5.0]])
+    """
+    names = _layers(state)
+    if not names:
+        raise _no_layer("recompute")
+    collecting = dict(state)
+    for name in names:
+        collecting[name] = {**state.get(name, {}), **_empty_pool(state, name), _CALLS: jnp.zeros((), jnp.int32)}
+
+    def run(state: hk.State, args: tuple[object, ...]) -> hk.State:
+        return f.apply(params, state, rng, *args, **apply_kwargs)[1]
+
+    run_jit = jax.jit(run)
+    n_batches = 0
+    for batch in batches:
+        collecting = run_jit(collecting, batch if isinstance(batch, tuple) else (batch,))
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")
+    missing = [n for n in names if int(collecting[n][_CALLS]) == 0]
+    if missing:
+        raise ValueError(
+            f"the batch norm(s) {missing} were never called on the batches; recompute_batch_stats needs every "
+            "layer to see the data"
+        )
+    out = dict(state)
+    for name in names:
+        pool = collecting[name]
+        pooled = Moments(*(jnp.asarray(pool[k]) for k in _POOL))
+        decay = jnp.asarray(pool[_DECAY])
+        mean_ema, var_ema = (state[name + suffix] for suffix in _EMAS)
+        old_mean, old_var = jnp.asarray(mean_ema["average"]), jnp.asarray(var_ema["average"])
+        mean, var = population_from_pool(pooled, old_mean, old_var, unbiased=False)
+        valid = pooled.count > 0
+        for suffix, ema, value in ((_EMAS[0], mean_ema, mean), (_EMAS[1], var_ema, var)):
+            counter = jnp.asarray(ema["counter"])
+            hidden = jnp.asarray(ema["hidden"])
+            debias = 1 - decay.astype(value.real.dtype) ** n_batches
+            out[name + suffix] = {
+                **ema,
+                "counter": jnp.asarray(n_batches, counter.dtype),
+                "hidden": _keep(valid, value * debias, hidden),
+                "average": value.astype(jnp.asarray(ema["average"]).dtype),
+            }
+    return out

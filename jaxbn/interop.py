@@ -75,7 +75,13 @@ _Key = tuple[str, ...]
 
 
 def _numpy(value: object, name: str) -> np.ndarray:
-    """np.asarray of a numpy / jax array or a torch tensor (detached, moved to CPU)."""
+    """A private numpy copy of a numpy / jax array or a torch tensor (detached, moved to CPU).
+
+    Always a copy: ``tensor.numpy()`` shares memory with the tensor, and on
+    CPU jax may wrap a numpy buffer without copying, so an array returned
+    from here must never alias the caller's buffer (one more PyTorch step
+    would otherwise change the "immutable" jax arrays handed back).
+    """
     if hasattr(value, "detach"):
         value = value.detach()
     if hasattr(value, "cpu") and callable(value.cpu):
@@ -83,7 +89,7 @@ def _numpy(value: object, name: str) -> np.ndarray:
     if str(getattr(value, "dtype", "")) in ("torch.bfloat16", "torch.float16") and hasattr(value, "float"):
         value = value.float()  # numpy has no bfloat16: go through float32
     try:
-        return np.asarray(value)
+        return np.array(value, copy=True)
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"{name}: cannot convert a {type(value).__name__} to a numpy array ({e})") from e
 

@@ -22,14 +22,21 @@ from flax.typing import Initializer, VariableDict
 from jax.nn import initializers
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbn._accumulate import commit_moments as _commit
 from jaxbn._checks import AxisIndexGroups, AxisName, check_mask
 from jaxbn._dtypes import as_float
 from jaxbn._layout import Layout
 from jaxbn._module_core import Options, forward
-from jaxbn._recompute import PRECISE_COLLECTION, BatchMoments, batch_moments, population_stats
-from jaxbn._running import RunningStats
+from jaxbn._recompute import PRECISE_COLLECTION, BatchMoments, LayerMoments, batch_moments, pool_into, population_stats
+from jaxbn._running import Moments, RunningStats
+from jaxbn._stats import moments as jaxbn_moments
 
-__all__ = ["BatchNorm", "freeze", "recompute_batch_stats"]
+__all__ = ["MOMENTS", "BatchNorm", "LayerMoments", "commit_moments", "freeze", "recompute_batch_stats"]
+
+#: The collection in which training layers pool their batch moments instead of updating
+#: `batch_stats` (gradient accumulation): make it mutable by name, e.g.
+#: ``model.apply(variables, x, mutable=[jaxbn.linen.MOMENTS])``, then `commit_moments` once per step.
+MOMENTS = "batch_moments"
 
 _LIFTED = (
     "a lifted transform (nn.scan, nn.vmap, ...) around them must list the collection "
@@ -43,13 +50,13 @@ _FROZEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxbn_line
 _ANY_COLLECTION = "jaxbn_any_collection_probe"
 
 
-def _collects_moments(module: nn.Module) -> bool:
-    """Whether `recompute_batch_stats` runs this layer: PRECISE_COLLECTION is mutable by name.
+def _collects_moments(module: nn.Module, collection: str = PRECISE_COLLECTION) -> bool:
+    """Whether `collection` (PRECISE_COLLECTION: `recompute_batch_stats` runs this layer) is mutable by name.
 
     `model.apply(..., mutable=True)` makes every collection mutable; that is
     not a request to collect, so a collection nobody names must not be.
     """
-    return module.is_mutable_collection(PRECISE_COLLECTION) and not module.is_mutable_collection(_ANY_COLLECTION)
+    return module.is_mutable_collection(collection) and not module.is_mutable_collection(_ANY_COLLECTION)
 
 
 class BatchNorm(nn.Module):
@@ -132,7 +139,11 @@ class BatchNorm(nn.Module):
         not used, as in flax. While `recompute_batch_stats` runs the model
         (the collection ``"jaxbn_precise_bn"`` is mutable by name) the layer
         normalizes with the batch moments whatever its mode, leaves its
-        running stats alone and sows the moments of `x` there.
+        running stats alone and sows the moments of `x` there. While the
+        collection `MOMENTS` (``"batch_moments"``) is mutable by name, a
+        training layer normalizes as usual but pools the moments of `x` there
+        (a `LayerMoments`) instead of updating its running stats: gradient
+        accumulation, committed once per step by `commit_moments`.
 
         Args:
           x: the input, shape (..., features, ...).
@@ -151,6 +162,7 @@ class BatchNorm(nn.Module):
                 "use_running_average", self.use_running_average, use_running_average
             )
         training = collecting or not (frozen or use_running_average)
+        accumulating = training and not (initializing or collecting) and _collects_moments(self, MOMENTS)
         options = Options(
             axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, renorm=self.renorm,
@@ -181,6 +193,11 @@ class BatchNorm(nn.Module):
                 x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
             )
             self.sow(PRECISE_COLLECTION, "moments", (part, jnp.asarray(self.unbiased)))
+        elif accumulating:
+            m = jaxbn_moments(x, axis=self.axis, mask=mask, axis_name=self.axis_name,
+                              axis_index_groups=self.axis_index_groups)
+            pooled = LayerMoments(m, self.momentum, self.unbiased)
+            self.sow(MOMENTS, "moments", pooled, reduce_fn=pool_into, init_fn=lambda: None)
         elif training and not initializing:
             ra_mean.value = new.mean
             ra_var.value = new.var
@@ -346,3 +363,81 @@ def recompute_batch_stats(
             stats[layer + ("count",)] = jnp.asarray(n_batches, jnp.int32)
     out = {**variables, "batch_stats": traverse_util.unflatten_dict(stats)}
     return FrozenDict(out) if isinstance(variables, FrozenDict) else out
+
+
+def commit_moments(
+    batch_stats: VariableDict, moments: VariableDict, *, apply: ArrayLike = True
+) -> tuple[VariableDict, VariableDict]:
+    """The step boundary of gradient accumulation: one running-stat update per layer from its pooled moments.
+
+    During the micro-batches of an optimizer step, apply the model with the
+    collection `MOMENTS` mutable (and `batch_stats` not):
+    every training `jaxbn.linen.BatchNorm` normalizes with its micro-batch's
+    moments as usual, leaves `batch_stats` alone, and pools the moments of
+    its input into `MOMENTS` (Chan's combination, `jaxbn.combine_moments`:
+    pass the collection back in to keep pooling, or pool per-micro-batch
+    collections yourself, e.g. the stacked output of a `jax.lax.scan`, with
+    ``jaxbn.combine_moments(stacked, stacked=True)``). Then this function
+    updates each layer's `batch_stats` once, with its own `momentum` and
+    `unbiased`, exactly as one training step on the whole batch would
+    (`jaxbn.commit_moments`), and empties the pools.
+
+    Args:
+      batch_stats: the model's `batch_stats` collection.
+      moments: the `MOMENTS` collection (pooled over the step's micro-batches).
+      apply: whether this is the step boundary: a bool or a scalar bool array,
+        e.g. ``optax.MultiSteps(...).has_updated(opt_state)``; where False,
+        both collections come back unchanged.
+
+    Returns:
+      `(batch_stats, moments)`: the updated statistics and emptied pools (same
+      trees, dtypes and layers) where `apply`, the inputs otherwise.
+
+    Raises:
+      ValueError: a pool's layer has no `mean`/`var` in `batch_stats`, or as
+        `jaxbn.commit_moments`.
+
+    >>> import jax, jax.numpy as jnp, jaxbn.linen
+    >>> bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.5)
+    >>> v = bn.init(jax.random.key(0), jnp.zeros((2, 1)))
+    >>> _, a = bn.apply(v, jnp.array([[0.0], [2.0]]), mutable=[jaxbn.linen.MOMENTS])
+    >>> _, b = bn.apply({**v, **a}, jnp.array([[4.0], [6.0]]), mutable=[jaxbn.linen.MOMENTS])
+    >>> stats, pool = jaxbn.linen.commit_moments(v['batch_stats'], b[jaxbn.linen.MOMENTS])
+    >>> stats['mean'].tolist(), stats['var'].tolist()
+    ([1.5], [3.0])
+    """
+    is_pool = lambda v: isinstance(v, LayerMoments)  # noqa: E731
+    flat_pools = traverse_util.flatten_dict(_unfreeze(moments), is_leaf=lambda _, v: is_pool(v))
+    stats = traverse_util.flatten_dict(_unfreeze(batch_stats))
+    new_pools = {}
+    for path, pool in flat_pools.items():
+        if not is_pool(pool):
+            raise ValueError(
+                f"moments holds {type(pool).__name__} at {'/'.join(path)}; pass the {MOMENTS!r} collection "
+                "that jaxbn.linen.BatchNorm layers pooled into"
+            )
+        layer = path[:-1]
+        if layer + ("mean",) not in stats or layer + ("var",) not in stats:
+            raise ValueError(
+                f"batch_stats has no mean/var for the layer {'/'.join(layer) or '(root)'} whose moments were "
+                "pooled; pass the batch_stats of the model that produced the moments"
+            )
+        count_key = layer + ("count",)
+        old = RunningStats(stats[layer + ("mean",)], stats[layer + ("var",)],
+                           stats.get(count_key, jnp.zeros((), jnp.int32)))
+        new, emptied = _commit(old, pool.moments, apply=apply, momentum=pool.momentum, unbiased=pool.unbiased)
+        stats[layer + ("mean",)], stats[layer + ("var",)] = new.mean, new.var
+        if count_key in stats:
+            stats[count_key] = new.count
+        new_pools[path] = LayerMoments(Moments(*emptied), pool.momentum, pool.unbiased)
+    out_stats = traverse_util.unflatten_dict(stats)
+    out_pools = traverse_util.unflatten_dict(new_pools) if new_pools else _unfreeze(moments)
+    if isinstance(batch_stats, FrozenDict):
+        out_stats = FrozenDict(out_stats)
+    if isinstance(moments, FrozenDict):
+        out_pools = FrozenDict(out_pools)
+    return out_stats, out_pools
+
+
+def _unfreeze(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _unfreeze(v) if isinstance(v, Mapping) else v for k, v in tree.items()}

@@ -20,13 +20,16 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Initializer
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbn._accumulate import combine_moments, empty_moments
+from jaxbn._accumulate import commit_moments as _commit
 from jaxbn._checks import AxisIndexGroups, AxisName, check_mask
 from jaxbn._dtypes import as_float
 from jaxbn._module_core import Options, forward
 from jaxbn._recompute import BatchMoments, batch_moments, population_stats
-from jaxbn._running import RunningStats
+from jaxbn._running import Moments, RunningStats
+from jaxbn._stats import moments as jaxbn_moments
 
-__all__ = ["BatchNorm", "freeze", "recompute_batch_stats"]
+__all__ = ["BatchNorm", "PooledMoments", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
@@ -44,6 +47,24 @@ _NO_MODE = (
 
 class PreciseMoments(nnx.Intermediate):
     """The `BatchMoments` a layer sows while `recompute_batch_stats` runs the model."""
+
+
+class PooledMoments(nnx.BatchStat):
+    """A layer's pooled batch moments during gradient accumulation (see `accumulate`).
+
+    A `BatchStat`, so `nnx.state(model, nnx.BatchStat)` and optimizers'
+    `wrt=nnx.Param` treat it as the running statistics are treated.
+
+    >>> import jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+    >>> jaxbn.nnx.accumulate(bn)
+    >>> isinstance(bn.pooled_count, jaxbn.nnx.PooledMoments), isinstance(bn.pooled_count, nnx.BatchStat)
+    (True, True)
+    """
+
+
+_POOL = ("pooled_mean", "pooled_var", "pooled_count")
 
 
 def _assign(var: nnx.Variable[jax.Array], value: jax.Array) -> None:
@@ -84,6 +105,12 @@ class BatchNorm(nnx.Module):
       rngs: random keys for the initializers.
       bias_metadata: metadata of the `bias` Param.
       scale_metadata: metadata of the `scale` Param.
+
+    The attribute `accumulate_moments` (False) is gradient-accumulation mode,
+    set with its pools by `accumulate`: a training call then normalizes as
+    usual but pools the moments of its input into the layer's
+    `PooledMoments` instead of updating `mean` and `var`; `commit_moments`
+    applies the pool once per optimizer step.
 
     The attribute `collect_moments` (False) is precise-BN mode, set by
     `recompute_batch_stats` on a view of the model
@@ -166,6 +193,7 @@ class BatchNorm(nnx.Module):
         self.virtual_batch_size = virtual_batch_size
         self.unbiased = unbiased
         self.collect_moments = False
+        self.accumulate_moments = False
         self._options()  # bad options fail here, when the layer is built
 
     def __call__(
@@ -208,12 +236,22 @@ class BatchNorm(nnx.Module):
                 x_, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
             )
             self.sow(PreciseMoments, "precise_moments", part)
+        elif training and self.accumulate_moments:
+            m = jaxbn_moments(
+                x_, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups
+            )
+            pooled = combine_moments(self._pool(), jax.tree.map(jax.lax.stop_gradient, m))
+            for name, value in zip(_POOL, pooled, strict=True):
+                _assign(getattr(self, name), value)
         elif training:
             _assign(self.mean, jax.lax.stop_gradient(new.mean))
             _assign(self.var, jax.lax.stop_gradient(new.var))
             if self.momentum is None:
                 self.count[...] = new.count
         return y
+
+    def _pool(self) -> Moments:
+        return Moments(*(getattr(self, name)[...] for name in _POOL))
 
     def _options(self) -> Options:
         """The options from the attributes as they are now (a view or the user may have changed them)."""
@@ -333,3 +371,90 @@ def recompute_batch_stats(model: nnx.Module, batches: Iterable[object]) -> None:
         _assign(layer.var, var)
         if layer.momentum is None:
             layer.count[...] = jnp.asarray(n_batches, jnp.int32)
+
+
+def accumulate(model: nnx.Module, enable: bool = True) -> None:
+    """Switches every `jaxbn.nnx.BatchNorm` of `model` to gradient accumulation (or back), in place.
+
+    With `enable`, each layer gets empty pools (`PooledMoments` attributes
+    `pooled_mean`, `pooled_var`, `pooled_count`, feature-shaped) and
+    `accumulate_moments=True`: its training calls normalize with the
+    micro-batch's moments as usual, leave `mean`/`var` alone and pool the
+    moments of their input (Chan's combination, `jaxbn.combine_moments`).
+    `commit_moments` then updates the running statistics once per optimizer
+    step. `enable=False` removes the pools (commit first: pending moments are
+    dropped) and restores the usual per-call updates.
+
+    Args:
+      model: an NNX model containing `jaxbn.nnx.BatchNorm` layers.
+      enable: turn accumulation on (True) or off (False).
+
+    Raises:
+      ValueError: if the model has no jaxbn BatchNorm layer.
+
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.BatchNorm(1, rngs=nnx.Rngs(0))
+    >>> jaxbn.nnx.accumulate(bn)
+    >>> _ = bn(jnp.array([[0.0], [2.0]]))
+    >>> bn.mean[...].tolist(), bn.pooled_mean[...].tolist(), bn.pooled_count[...].tolist()
+    ([0.0], [1.0], [2.0])
+    """
+    layers = _layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no jaxbn.nnx.BatchNorm layer to accumulate moments for")
+    for layer in layers:
+        if enable and not layer.accumulate_moments:
+            empty = empty_moments(layer.mean[...].shape, layer.mean[...].dtype)
+            for name, value in zip(_POOL, empty, strict=True):
+                setattr(layer, name, PooledMoments(value))
+        elif not enable and layer.accumulate_moments:
+            for name in _POOL:
+                delattr(layer, name)
+        layer.accumulate_moments = enable
+
+
+def commit_moments(model: nnx.Module, *, apply: ArrayLike = True) -> None:
+    """The step boundary of gradient accumulation: one running-stat update per layer, in place.
+
+    Every accumulating `jaxbn.nnx.BatchNorm` of `model` (see `accumulate`)
+    updates `mean`, `var` (and `count`) from its pooled moments with its own
+    `momentum` and `unbiased`, exactly as one training call on the step's
+    whole batch would (`jaxbn.commit_moments`), and empties its pools.
+
+    Args:
+      model: an NNX model in accumulation mode.
+      apply: whether this is the step boundary: a bool or a scalar bool array,
+        e.g. ``optax.MultiSteps(...).has_updated(opt_state)``; where False
+        nothing changes.
+
+    Raises:
+      ValueError: if no layer of the model accumulates (call `accumulate`).
+
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.BatchNorm(1, momentum=0.5, rngs=nnx.Rngs(0))
+    >>> jaxbn.nnx.accumulate(bn)
+    >>> _ = bn(jnp.array([[0.0], [2.0]])); _ = bn(jnp.array([[4.0], [6.0]]))
+    >>> bn.mean[...].tolist()
+    [0.0]
+    >>> jaxbn.nnx.commit_moments(bn)
+    >>> bn.mean[...].tolist(), bn.var[...].tolist()
+    ([1.5], [3.0])
+    """
+    layers = [layer for layer in _layers(model) if layer.accumulate_moments]
+    if not layers:
+        raise ValueError(
+            f"no jaxbn.nnx.BatchNorm layer of {type(model).__name__} accumulates moments; "
+            "call jaxbn.nnx.accumulate(model) before training on micro-batches"
+        )
+    for layer in layers:
+        count = layer.count[...] if layer.momentum is None else jnp.zeros((), jnp.int32)
+        old = RunningStats(layer.mean[...], layer.var[...], count)
+        new, emptied = _commit(old, layer._pool(), apply=apply, momentum=layer.momentum, unbiased=layer.unbiased)
+        _assign(layer.mean, new.mean)
+        _assign(layer.var, new.var)
+        if layer.momentum is None:
+            layer.count[...] = new.count
+        for name, value in zip(_POOL, emptied, strict=True):
+            _assign(getattr(layer, name), value)

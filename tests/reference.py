@@ -52,7 +52,7 @@ def contributes(mean, var, n):
 
 
 def update(old_mean, old_var, count, mean, var, n, momentum=0.99, unbiased=False):
-    """One running-stat update, written from the definition (docs/contract.md).
+    """One running-stat update, written from the definition (docs/contract.md), float64.
 
     EMA: new = momentum * old + (1 - momentum) * batch; momentum=None:
     new = old + (batch - old) / (count + 1). Features that do not contribute
@@ -63,9 +63,9 @@ def update(old_mean, old_var, count, mean, var, n, momentum=0.99, unbiased=False
     ok = contributes(mean, var, n)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         bvar = np.where(n > 1, var * n / np.maximum(n - 1, 1), var) if unbiased else var
-        if momentum is None:
-            new_mean = old_mean + (mean - old_mean) / (count + 1)
-            new_var = old_var + (bvar - old_var) / (count + 1)
+        if momentum is None:  # old + (batch - old) / (count + 1), written without its cancellation
+            new_mean = (count * old_mean + mean) / (count + 1)
+            new_var = (count * old_var + bvar) / (count + 1)
         else:
             new_mean = momentum * old_mean + (1 - momentum) * mean
             new_var = momentum * old_var + (1 - momentum) * bvar
@@ -140,6 +140,26 @@ def ghost_train(x, scale=None, bias=None, axis=-1, virtual_batch_size=1, eps=1e-
         variances.append(var)
         counts.append(n)
     return np.concatenate(ys, axis=0), np.stack(means), np.stack(variances), np.stack(counts)
+
+
+def ghost_stats(x, virtual_batch_size, mask=None, old_mean=0.0, old_var=1.0, count=0, momentum=0.99, axis=-1):
+    """Ghost batch norm's running-stat update from its definition, float64.
+
+    Per feature, the batch moments are the mean of the moments of the ghost
+    batches (consecutive slices of axis 0) that contribute (a valid entry,
+    finite moments); features with no contributing group keep their values.
+    Returns (mean, var, count) after one update.
+    """
+    x = np.asarray(x, np.float64)
+    full = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
+    groups = [moments(x[g:g + virtual_batch_size], axis, full[g:g + virtual_batch_size])
+              for g in range(0, x.shape[0], virtual_batch_size)]
+    ok = np.stack([contributes(*g) for g in groups])
+    k = ok.sum(0)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(ok, np.stack([g[0] for g in groups]), 0.0).sum(0) / np.maximum(k, 1)
+        var = np.where(ok, np.stack([g[1] for g in groups]), 0.0).sum(0) / np.maximum(k, 1)
+    return update(old_mean, old_var, count, mean, var, k, momentum)
 
 
 def normal(seed, shape, dtype=np.float32):

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "jaxbn")
 
 CORE = {"jaxbn", "jaxbn._checks", "jaxbn._layout", "jaxbn._xla", "jaxbn._running", "jaxbn._stats",
-        "jaxbn._kernel", "jaxbn._norm", "jaxbn._fold"}
+        "jaxbn._kernel", "jaxbn._norm", "jaxbn._fold", "jaxbn._accumulate"}
 MODULE_CORE = {"jaxbn._module_core", "jaxbn._dtypes", "jaxbn._ghost", "jaxbn._recompute"}
 WRAPPERS = {"jaxbn.linen": "flax", "jaxbn.nnx": "flax", "jaxbn.interop": "flax", "jaxbn.equinox": "equinox",
             "jaxbn.haiku": "haiku"}

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn.equinox
 from tests import reference as ref
+from tests.conftest import require_devices
 from tests.reference import bernoulli, normal
 
 BatchNorm = jaxbn.equinox.BatchNorm
@@ -314,8 +315,35 @@ def test_state_keeps_its_dtype():
     index = bn.batch_state_index
     # A user-cast state (State.set refuses dtype changes; a tree map builds a new State).
     state = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, state)
-    _, state = vstep(bn, normal(72, (4, 3)), state)
+    with pytest.warns(UserWarning, match="stored in bfloat16 .* stop moving"):  # said loudly, as documented
+        _, state = vstep(bn, normal(72, (4, 3)), state)
     assert [a.dtype for a in state.get(index)] == [jnp.bfloat16, jnp.bfloat16]
+
+
+@pytest.mark.parametrize("mode", ["batch", "ema"])
+def test_float64_state_under_x64_is_updated_in_float64(mode):
+    """With jax x64 the statistics are float64 and exact to float64 rounding (they were rounded
+    through float32, 2-5e-8 off), as equinox's own."""
+    with jax.enable_x64(True):
+        ours, s_ours = make(BatchNorm, 3, "batch", mode=mode, momentum=0.9)
+        theirs, s_theirs = make(eqx.nn.BatchNorm, 3, "batch", mode=mode, momentum=0.9)
+        run_mean, run_var = np.zeros(3), np.ones(3)
+        for step in range(3):
+            x = np.random.default_rng(80 + step).normal(size=(16, 3)) * (1 + step) + 1.0 / 3.0
+            _, s_ours = vstep(ours, jnp.asarray(x), s_ours)
+            _, s_theirs = vstep(theirs, jnp.asarray(x), s_theirs)
+            mean, var, n = ref.moments(x, axis=1)
+            if mode == "ema" and step == 0:  # the first training step takes the batch moments as they are
+                run_mean, run_var = mean, var
+            else:
+                run_mean, run_var, _ = ref.update(run_mean, run_var, step, mean, var, n, momentum=0.9)
+        got_mean, got_var = (state_leaf for state_leaf in s_ours.get(
+            ours.batch_state_index if mode == "batch" else ours.ema_state_index))
+        assert got_mean.dtype == got_var.dtype == jnp.float64
+        np.testing.assert_allclose(got_mean, run_mean, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got_var, run_var, rtol=1e-12)
+        if mode == "ema":  # equinox keeps float64 too (its "batch" mode debiases, see below)
+            np.testing.assert_allclose(got_var, stats_of(theirs, s_theirs)[1], rtol=1e-12)
 
 
 def test_non_finite_batch_keeps_running_stats():
@@ -367,8 +395,7 @@ def test_fully_masked_batch_is_a_no_op():
 
 
 def _mesh():
-    if len(jax.devices()) < 8:
-        pytest.skip("needs 8 (fake) devices: run under the repository's conftest.py")
+    require_devices(8)  # fewer devices: a failure that says how to get them, never a skip
     return jax.make_mesh((8,), ("data",))
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jaxbn
+from tests import reference as ref
 
 X = jnp.ones((8, 4))
 S = jaxbn.init_stats(4)
@@ -47,6 +48,11 @@ def _bn(**kw):
         ),
         (lambda: jaxbn.update_stats(S, jaxbn.moments(X), momentum=2.0), r"momentum=2.0 is outside"),
         (lambda: jaxbn.init_stats(-1), r"feature_shape must be non-negative"),
+        (lambda: _bn(epsilon=float("inf")), r"epsilon must be > 0 and finite, got inf"),
+        (lambda: _bn(epsilon=float("nan")), r"epsilon must be > 0, got nan"),
+        (lambda: jaxbn.normalize(X, jnp.zeros(4), jnp.ones(4), epsilon=np.inf), r"epsilon must be > 0 and finite"),
+        (lambda: jaxbn.fold(jnp.ones((3, 4)), None, S, epsilon=float("inf")), r"epsilon must be > 0 and finite"),
+        (lambda: _bn(x=jnp.ones((0, 4))), r"more than one value per feature.*shape \(0, 4\)"),
     ],
 )
 def test_value_errors(call, match):
@@ -63,6 +69,24 @@ def test_value_errors(call, match):
         (lambda: _bn(axis=1.0), r"axis must be an int or a tuple of ints"),
         (lambda: _bn(stats={"mean": 0}), r"stats must be a jaxbn.RunningStats"),
         (lambda: jaxbn.batch_renorm(X.astype(jnp.complex64), S, training=True), r"batch_renorm takes real inputs"),
+        # a Moments (or any other 3-tuple) is not running statistics
+        (lambda: _bn(stats=jaxbn.moments(X)), r"stats must be a jaxbn.RunningStats .*got a jaxbn.Moments"),
+        (lambda: _bn(stats=(jnp.zeros(4), jnp.ones(4), 0)), r"stats must be a jaxbn.RunningStats .*got tuple"),
+        (lambda: jaxbn.batch_renorm(X, jaxbn.moments(X), training=True), r"got a jaxbn.Moments"),
+        (lambda: jaxbn.update_stats(jaxbn.moments(X), jaxbn.moments(X)), r"got a jaxbn.Moments"),
+        (lambda: jaxbn.update_stats(S, tuple(jaxbn.moments(X))), r"moments must be a jaxbn.Moments"),
+        (lambda: jaxbn.fold(jnp.ones((3, 4)), None, jaxbn.moments(X)), r"got a jaxbn.Moments"),
+        # a list axis_name: a TypeError that says to pass a tuple
+        (lambda: _bn(axis_name=["a", "b"]), r"axis_name must be a name or a tuple of names, got the list"),
+        (lambda: jaxbn.moments(X, axis_name=["a"]), r"pass axis_name=\('a',\)"),
+        (lambda: jaxbn.init_stats(3, jnp.int32), r"dtype must be a real floating dtype .* got int32"),
+        (lambda: jaxbn.init_stats(3, bool), r"dtype must be a real floating dtype .* got bool"),
+        (lambda: jaxbn.init_stats(3, "no such dtype"), r"dtype must be a floating dtype"),
+        (lambda: _bn(training=None), r"training must be True or False, got None"),
+        (lambda: _bn(training="yes"), r"training must be True or False, got 'yes'"),
+        (lambda: jaxbn.batch_renorm(X, S, training=None), r"training must be True or False, got None"),
+        (lambda: jax.jit(lambda t: _bn(training=t))(True), r"training must be a Python bool, got a traced value"),
+        (lambda: _bn(epsilon="1e-5"), r"epsilon must be a number > 0, got '1e-5'"),
     ],
 )
 def test_type_errors(call, match):
@@ -93,8 +117,49 @@ def test_one_value_per_feature_is_fine_with_axis_name():
 
 
 def test_mask_integer_is_accepted():
-    y, _ = _bn(mask=jnp.ones((8, 1), jnp.int32))
-    assert y.shape == X.shape
+    """A 0/1 integer mask is the boolean mask: outputs and stats against float64 on the valid rows."""
+    x = np.random.default_rng(1).normal(size=(8, 4)).astype(np.float32) * 2 + 1
+    mask01 = np.array([1, 0, 1, 1, 0, 1, 1, 1], np.int32)[:, None]
+    y, new = _bn(x=x, mask=jnp.asarray(mask01), momentum=0.5)
+    mean, var, n = ref.moments(x, -1, mask01.astype(bool))
+    np.testing.assert_allclose(y, ref.normalize(x, mean, var), rtol=1e-4, atol=1e-5)
+    want_mean, want_var, _ = ref.update(np.zeros(4), np.ones(4), 0, mean, var, n, momentum=0.5)
+    np.testing.assert_allclose(new.mean, want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.var, want_var, rtol=1e-5)
+
+
+def test_numpy_integer_axis_is_accepted():
+    """axis=np.int64(1) (e.g. from an array of axes) is the axis 1, not a TypeError."""
+    x = np.random.default_rng(2).normal(size=(6, 4, 3)).astype(np.float32)
+    for axis in (np.int64(1), (np.int32(1),), [np.int64(-2)]):
+        y, new = jaxbn.batch_norm(x, jaxbn.init_stats(4), training=True, axis=axis, momentum=0.0)
+        mean, var, _ = ref.moments(x, 1)
+        np.testing.assert_allclose(y, ref.normalize(x, mean, var, axis=1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(new.var, var, rtol=1e-5)
+    assert jaxbn.init_stats(np.int64(3)).mean.shape == (3,)
+
+
+def test_an_empty_batch_is_an_all_masked_batch():
+    """N=0 behaves as a batch whose mask is all False: moments with count 0, and an update that is a
+    no-op (count included). Training without axis_name refuses N=0 as it refuses N=1 (fewer than two
+    values per feature, a ValueError above); with axis_name an empty shard contributes nothing."""
+    empty = jaxbn.moments(jnp.ones((0, 4)))
+    masked = jaxbn.moments(X, mask=jnp.zeros((8, 1), bool))
+    for m in (empty, masked):
+        np.testing.assert_array_equal(m.count, 0.0)
+        assert np.all(np.isfinite(m.mean)) and np.all(np.isfinite(m.var))
+        jax.tree.map(np.testing.assert_array_equal, jaxbn.update_stats(S, m, momentum=None), S)
+    x = np.random.default_rng(3).normal(size=(2, 3, 4)).astype(np.float32)
+    shards = [x[0], x[1, :0]]  # the second device holds no row
+    ys, new = [], []
+    for xb in shards:  # one device per call: an empty local batch under a bound axis contributes nothing
+        y, s = jax.vmap(lambda xb: jaxbn.batch_norm(xb, S, training=True, axis_name="d"), axis_name="d")(xb[None])
+        ys.append(y)
+        new.append(s)
+    mean, var, n = ref.moments(x[0], -1)
+    want = ref.update(np.zeros(4), np.ones(4), 0, mean, var, n, momentum=0.99)
+    np.testing.assert_allclose(new[0].mean[0], want[0], rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[0], b), new[1], S)
 
 
 # One momentum check (jaxbn._checks.check_momentum) behind every entry point: a string such as '0.9' is a

@@ -26,6 +26,7 @@ import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
 from tests import reference as ref
+from tests.conftest import require_devices
 
 N_DEV = 8
 FEATURES = 6
@@ -33,8 +34,7 @@ FEATURES = 6
 
 @pytest.fixture(scope="module")
 def mesh():
-    if jax.device_count() < N_DEV:
-        pytest.skip(f"needs {N_DEV} devices (conftest.py sets 8 fake CPU devices), found {jax.device_count()}")
+    require_devices(N_DEV)  # fewer devices: a failure that says how to get them, never a skip
     return jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Explicit,))
 
 
@@ -87,8 +87,8 @@ def test_batch_norm_under_jit_on_a_sharded_batch(mesh, data):
     close(new.var, want_var, atol=1e-4)
     assert int(new.count) == 1
     rdx, rdscale, rdbias = ref.bn_train_grads(x, dy, scale, mask=mask)
-    close(dx, rdx, atol=2e-3)
-    close(dscale, rdscale, atol=1e-3)
+    close(dx, rdx, atol=2e-5)
+    close(dscale, rdscale, atol=2e-5)
     close(dbias, rdbias, atol=1e-4)
     assert spec_of(y) == ("data",) and spec_of(dx) == ("data",)
     assert all(spec_of(a) == () for a in (new.mean, new.var, new.count, dscale, dbias))

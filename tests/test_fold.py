@@ -80,7 +80,7 @@ def test_conv(shape, features, window, strides, padding, groups, use_bias):
     expected = _expected(z, stats, scale, bn_bias)
     atol = 1e-4 * np.abs(expected).max()
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=atol)
-    np.testing.assert_allclose(y, y_bn, rtol=1e-4, atol=atol)  # jaxbn's own inference-mode batch norm
+    np.testing.assert_allclose(y_bn, expected, rtol=1e-4, atol=atol)  # jaxbn's unfolded path: float64 too
 
 
 def test_dense_general_multi_axis_features():
@@ -92,8 +92,11 @@ def test_dense_general_multi_axis_features():
     z = layer.apply({"params": params}, x)
     k, b = jaxbn.fold(params["kernel"], params["bias"], stats, scale, bn_bias)
     y = layer.apply({"params": {"kernel": k, "bias": b}}, x)
-    y_bn, _ = jaxbn.batch_norm(z, stats, scale, bn_bias, training=False, axis=(-2, -1))
-    np.testing.assert_allclose(y, y_bn, rtol=1e-5, atol=1e-5)
+    # float64: the layer z = x . kernel + bias, then (z - mean) / sqrt(var + eps) * scale + bias per (2, 4) feature
+    z64 = np.einsum("ni,ijk->njk", np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64)) + 1.0
+    want = ref.normalize(z64, stats.mean, stats.var, scale, bn_bias, axis=(-2, -1))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(z, np.float64), z64, rtol=1e-5, atol=1e-5)
 
 
 def test_flax_batch_stats_mapping_is_accepted():

@@ -61,24 +61,38 @@ def transformed(cls, **options):
     return hk.transform_with_state(f)
 
 
-def ema_reference(values, valid=None):
-    """haiku's zero-debiased EMA from its definition, float64, skipping invalid entries.
+def debiased_ema(values, valid=None, initial=None):
+    """haiku's zero-debiased EMA from its definition, float64, with jaxbn's documented rule for skips.
 
-    hidden_k = d * hidden_{k-1} + (1 - d) * v_k, average = hidden / (1 - d ** k), where
-    k counts the batches with at least one valid entry; invalid entries keep both.
+    Over the k batches with at least one valid entry (the counter), with d the decay::
+
+        average = sum_j (1 - d) d^(k - j) u_j / (1 - d^k),   hidden = sum_j (1 - d) d^(k - j) u_j
+
+    where u_j is the entry's batch value when valid; a skipped step holds the entry's average as it
+    stood before that step, and steps before the entry's first valid batch hold that batch. An entry
+    never valid keeps `initial` (hidden 0). Returns (k, hidden, average).
     """
-    hidden = np.zeros_like(np.asarray(values[0], np.float64))
-    average = hidden.copy()
-    k = 0
+    shape = np.shape(values[0])
+    initial = np.zeros(shape) if initial is None else np.asarray(initial, np.float64).reshape(shape)
+    filled = []  # per counted step: (value or None where the entry has had no valid batch yet)
+    seen = np.zeros(shape, bool)
+    average = initial.copy()
     for i, v in enumerate(values):
-        ok = np.ones(hidden.shape, bool) if valid is None else valid[i]
+        ok = np.ones(shape, bool) if valid is None else np.asarray(valid[i], bool)
         if not ok.any():
             continue
-        k += 1
-        new_hidden = DECAY * hidden + (1 - DECAY) * np.asarray(v, np.float64)
-        hidden = np.where(ok, new_hidden, hidden)
-        average = np.where(ok, new_hidden / (1 - DECAY**k), average)
-    return k, hidden, average
+        first = ok & ~seen
+        filled = [np.where(first, v, u) for u in filled]  # back-fill before the first valid batch
+        filled.append(np.where(ok, np.asarray(v, np.float64), average))
+        seen |= ok
+        k = len(filled)
+        weights = [(1 - DECAY) * DECAY ** (k - 1 - j) for j in range(k)]
+        hidden = sum(w * u for w, u in zip(weights, filled, strict=True))
+        average = np.where(seen, hidden / (1 - DECAY**k), initial)
+    k = len(filled)
+    if not k:
+        return 0, np.zeros(shape), initial
+    return k, np.where(seen, average * (1 - DECAY**k), 0.0), average
 
 
 def close(a, b, tol=1e-5):
@@ -141,8 +155,8 @@ def test_matches_haiku_over_steps(layout):
     # And both against the float64 definition: the EMA of the batch moments, and the outputs.
     feat = feature_axis
     stats = [ref.moments(x, feat) for x in batches]
-    k, _, mean_avg = ema_reference([m for m, _, _ in stats])
-    _, _, var_avg = ema_reference([v for _, v, _ in stats])
+    k, _, mean_avg = debiased_ema([m for m, _, _ in stats])
+    _, _, var_avg = debiased_ema([v for _, v, _ in stats])
     assert int(state[MEAN]["counter"]) == k == 3
     close(state[MEAN]["average"].reshape(-1), mean_avg, 1e-5)
     close(state[VAR]["average"].reshape(-1), var_avg, 1e-5)
@@ -232,6 +246,14 @@ def test_jit_and_eager_agree():
     eager = f.apply(params, state, None, x, True, mask=mask)
     jitted = jax.jit(f.apply, static_argnums=4)(params, state, None, x, True, mask=mask)
     jax.tree.map(lambda a, b: close(a, b, 1e-6), eager, jitted)
+    # both are the float64 values: the masked batch moments, and the first debiased update is those moments
+    mean, var, _ = ref.moments(x, mask=mask)
+    for y, s in (eager, jitted):
+        close(y, ref.normalize(x, mean, var), 1e-4)
+        close(s[MEAN]["average"].reshape(-1), mean, 1e-5)
+        close(s[VAR]["average"].reshape(-1), var, 1e-5)
+        close(s[VAR]["hidden"].reshape(-1), (1 - DECAY) * var, 1e-5)
+        assert int(s[MEAN]["counter"]) == 1
 
 
 # ---------------------------------------------------------------- fixed faults (float64 references)
@@ -288,7 +310,8 @@ def test_update_keeps_the_dtype_of_the_state_it_was_given():
     f = transformed(jaxbn.haiku.BatchNorm)
     p, s = f.init(None, x, True)
     s_bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, s)
-    _, s2 = f.apply(p, s_bf16, None, x, True)
+    with pytest.warns(UserWarning, match="stored in bfloat16 .* stop moving"):  # said loudly, as documented
+        _, s2 = f.apply(p, s_bf16, None, x, True)
     assert jax.tree.map(lambda a: a.dtype, s2) == jax.tree.map(lambda a: a.dtype, s_bf16)
     y, _ = f.apply(p, s2, None, x, False)
     assert y.dtype == jnp.bfloat16
@@ -336,13 +359,85 @@ def test_bad_batches_leave_the_averages_alone():
         valid.append((n > 0) & np.isfinite(m) & np.isfinite(v))
         means.append(np.nan_to_num(m))
         variances.append(np.nan_to_num(v))
-    k, mean_hidden, mean_avg = ema_reference(means, valid)
-    _, var_hidden, var_avg = ema_reference(variances, valid)
+    k, mean_hidden, mean_avg = debiased_ema(means, valid)
+    _, var_hidden, var_avg = debiased_ema(variances, valid)
     assert k == 3 and int(s[MEAN]["counter"]) == int(s[VAR]["counter"]) == 3
     for got, want in ((s[MEAN]["hidden"], mean_hidden), (s[MEAN]["average"], mean_avg),
                       (s[VAR]["hidden"], var_hidden), (s[VAR]["average"], var_avg)):
         close(got.reshape(-1), want, 1e-5)
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(s))
+    # haiku's invariant average = hidden / (1 - d^counter) holds after the skips: haiku trains on from it
+    for name in (MEAN, VAR):
+        close(s[name]["hidden"], np.asarray(s[name]["average"], np.float64) * (1 - DECAY**3), 1e-6)
+
+
+@pytest.mark.parametrize("skip", ["inf", "mask"])
+def test_a_channel_skipped_in_its_first_step_reads_its_own_statistics(skip):
+    """Channel 0 skipped in step 1, valid in steps 2 and 3: its average is the debiased EMA of those
+    two batches' values with the skipped step filled (no 50%-low mean, no inference std 1.41)."""
+    rng = np.random.default_rng(21)
+    xs = [4.5 + rng.normal(size=(16, 3)) * s for s in (1.0, 1.5, 2.0)]
+    f = transformed(jaxbn.haiku.BatchNorm)
+    first = xs[0].copy()
+    mask = None
+    if skip == "inf":
+        first[3, 0] = np.inf
+    else:
+        mask = np.array([[False, True, True]])
+    batches = [(first, mask), (xs[1], None), (xs[2], None)]
+    p, s = f.init(None, xs[1], True)
+    for xb, mb in batches:
+        _, s = f.apply(p, s, None, xb, True, mask=mb)
+    valid, means, variances = [], [], []
+    for xb, mb in batches:
+        m, v, n = ref.moments(xb, mask=mb)
+        valid.append(ref.contributes(m, v, n))
+        means.append(np.nan_to_num(m))
+        variances.append(np.nan_to_num(v))
+    for name, values in ((MEAN, means), (VAR, variances)):
+        k, hidden, average = debiased_ema(values, valid)
+        assert int(s[name]["counter"]) == k == 3
+        close(s[name]["average"].reshape(-1), average, 1e-5)
+        close(s[name]["hidden"].reshape(-1), hidden, 1e-5)
+
+
+def test_channel_never_valid_keeps_the_identity_then_takes_its_first_batch():
+    """A channel masked in the first two counted steps: inference is the identity for it (mean 0,
+    var 1); its first valid batch is then its average exactly, as haiku's first update."""
+    x = 3.0 + 2.0 * ref.normal(22, (8, 2))
+    f = transformed(jaxbn.haiku.BatchNorm)
+    only0 = np.array([[True, False]])
+    p, s = f.init(None, x, True, mask=only0)
+    for _ in range(2):
+        _, s = f.apply(p, s, None, x, True, mask=only0)
+    np.testing.assert_array_equal(np.asarray(s[MEAN]["average"]).ravel()[1], 0.0)
+    np.testing.assert_array_equal(np.asarray(s[VAR]["average"]).ravel()[1], 1.0)
+    y, _ = f.apply(p, s, None, x, False)
+    close(y[:, 1], x[:, 1] / np.sqrt(1.0 + 1e-5), 1e-6)
+    x2 = 1.0 + 0.5 * ref.normal(23, (8, 2))
+    _, s = f.apply(p, s, None, x2, True)
+    mean, var, _ = ref.moments(x2)
+    close(np.asarray(s[MEAN]["average"]).ravel()[1], mean[1], 1e-6)
+    close(np.asarray(s[VAR]["average"]).ravel()[1], var[1], 1e-6)
+    assert int(s[MEAN]["counter"]) == 3
+
+
+def test_x64_integer_input_follows_haikus_promotion():
+    """Under jax x64, int64 input gives float64 output and statistics, as haiku's jnp.mean does."""
+    with jax.enable_x64(True):
+        x = (np.arange(48, dtype=np.int64).reshape(12, 4) * 7) % 11
+        f_ours, f_hk = transformed(jaxbn.haiku.BatchNorm), transformed(hk.BatchNorm)
+        p, s = f_ours.init(None, x, True)
+        hp, hs = standard(f_hk.init)(None, x, True)
+        y, s = f_ours.apply(p, s, None, x, True)
+        hy, hs = standard(f_hk.apply)(hp, hs, None, x, True)
+        assert y.dtype == hy.dtype == jnp.float64
+        assert jax.tree.map(lambda a: a.dtype, s) == jax.tree.map(lambda a: a.dtype, hs)
+        mean, var, _ = ref.moments(x)
+        close(y, ref.normalize(x, mean, var), 1e-12)
+        close(y, hy, 1e-10)
+        close(s[VAR]["average"].reshape(-1), var, 1e-12)
+        jax.tree.map(lambda a, b: close(a, b, 1e-10), s, hs)
 
 
 # ---------------------------------------------------------------- cross-replica statistics
@@ -353,7 +448,7 @@ X = (3.0 + 2.0 * ref.normal(12, (D, B, C))).astype(np.float32)
 DY = ref.normal(13, (D, B, C))
 MASK = np.arange(B)[None, :, None] < VALID[:, None, None]
 
-needs_8 = pytest.mark.skipif(jax.device_count() < D, reason="needs 8 devices (the root conftest sets 8 CPU devices)")
+needs_8 = pytest.mark.usefixtures("eight_devices")  # fewer devices: a failure saying why, never a skip
 
 
 def _replica_step(map_fn, masked, **options):

@@ -174,11 +174,31 @@ def test_affine_false():
     sd = _state(affine=False)
     v = interop.from_torch(sd)
     assert set(v) == {"batch_stats"}
-    x = np.ones((2, 3, 4), np.float32)
+    x = np.random.default_rng(5).normal(size=(2, 3, 4)).astype(np.float32)
     y = nn.BatchNorm(use_running_average=True, use_scale=False, use_bias=False).apply(v, x)
-    assert y.shape == x.shape
+    # no affine: (x - running_mean) / sqrt(running_var + eps), float64
+    want = (x.astype(np.float64) - sd["running_mean"]) / np.sqrt(np.asarray(sd["running_var"], np.float64) + 1e-5)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     back = interop.to_torch(v)
     assert set(back) == {"running_mean", "running_var", "num_batches_tracked"}
+
+
+def test_from_torch_copies_the_callers_buffers():
+    """`{k: t.numpy()}` shares memory with the tensors: one more PyTorch step must not change the
+    arrays from_torch returned (it moved the running mean 0.003 -> 0.498 before they were copied)."""
+    torch_bn = TorchBatchNorm2d(3)
+    torch_bn(_batches(1)[0], training=True)
+    buffers = {k: np.asarray(v, np.float32) for k, v in torch_bn.state_dict().items()}  # the caller's views
+    buffers["num_batches_tracked"] = np.asarray(torch_bn.num_batches_tracked, np.int64)
+    before = {k: v.copy() for k, v in buffers.items()}
+    v = interop.from_torch(buffers, count=True)
+    for k in buffers:  # the caller's buffers change in place, as a PyTorch step does
+        buffers[k][...] = buffers[k] + 7
+    np.testing.assert_array_equal(v["batch_stats"]["mean"], before["running_mean"])
+    np.testing.assert_array_equal(v["batch_stats"]["var"], before["running_var"])
+    np.testing.assert_array_equal(v["params"]["scale"], before["weight"])
+    np.testing.assert_array_equal(v["params"]["bias"], before["bias"])
+    assert int(v["batch_stats"]["count"]) == int(before["num_batches_tracked"])
 
 
 def test_lone_scale_or_bias_is_completed_for_affine_true():

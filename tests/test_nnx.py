@@ -249,6 +249,13 @@ def test_extras_match_reference():
     y_ref, means, variances, _ = ref.ghost_train(x, virtual_batch_size=4)
     _close(bn(x), y_ref, rtol=1e-4, atol=1e-4)
     _close((bn.mean[...], bn.var[...]), (means.mean(0), variances.mean(0)))
+    # padding that fills whole ghost batches: the update of the batch without it
+    for momentum in (0.5, None):
+        padded = BN(3, virtual_batch_size=4, momentum=momentum, rngs=nnx.Rngs(0))
+        xp = np.concatenate([x[:8] * 10 + 50, np.full((4, 3), 1e3, np.float32)])
+        padded(xp, mask=np.arange(12)[:, None] < 8)
+        mean, var, count = ref.ghost_stats(xp[:8], 4, momentum=momentum)
+        _close((padded.mean[...], padded.var[...]), (mean, var))
     bn.eval()
     assert bn(x[:5]).shape == (5, 3)  # inference: any batch size
     bn.train()

@@ -1,11 +1,16 @@
-"""recompute_batch_stats (precise BN) for Linen and NNX, against a layer-by-layer hand computation."""
+"""recompute_batch_stats (precise BN) for Linen, NNX, Equinox and Haiku, against a layer-by-layer hand computation."""
 
+import equinox as eqx
 import flax.linen as nn
+import haiku as hk
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import jaxbn.equinox
+import jaxbn.haiku
 import jaxbn.linen
 import jaxbn.nnx
 
@@ -361,3 +366,141 @@ def test_large_offsets_over_many_batches_stay_accurate():
     jaxbn.nnx.recompute_batch_stats(layer, xs)
     np.testing.assert_allclose(layer.var[...], every.var(0), rtol=1e-4)
     np.testing.assert_allclose(layer.mean[...], every.mean(0), rtol=0, atol=2e-3)  # float32 spacing at 1e4: 1e-3
+
+
+# Equinox and Haiku: the same semantics (two-layer hand computation, masks, non-finite batches).
+
+
+class _EqxNet(eqx.Module):
+    l1: eqx.nn.Linear
+    bn1: jaxbn.equinox.BatchNorm
+    l2: eqx.nn.Linear
+    bn2: jaxbn.equinox.BatchNorm
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.l1 = eqx.nn.Linear(2, 4, key=k1)
+        self.bn1 = jaxbn.equinox.BatchNorm(4, "batch", mode="batch")
+        self.l2 = eqx.nn.Linear(4, 3, key=k2)
+        self.bn2 = jaxbn.equinox.BatchNorm(3, "batch", mode="ema", inference=True)  # still recomputed
+
+    def __call__(self, x, state):
+        h, state = self.bn1(self.l1(x), state)
+        return self.bn2(self.l2(jax.nn.relu(h)), state)
+
+
+def test_equinox_matches_hand_computation():
+    batches = _batches()
+    model, state = eqx.nn.make_with_state(_EqxNet)(jax.random.key(1))
+    before = jax.tree.map(np.array, state)
+    out = jaxbn.equinox.recompute_batch_stats(model, state, batches)  # default forward: vmap over "batch"
+    jax.tree.map(np.testing.assert_array_equal, state, before)  # the state passed in stays valid, unchanged
+    assert jax.tree.structure(out) == jax.tree.structure(state)
+    h1, h2 = _hand(batches, *(np.asarray(a, np.float64) for a in (
+        model.l1.weight.T, model.l1.bias, model.bn1.weight, model.bn1.bias, model.l2.weight.T, model.l2.bias)))
+    mean1, var1 = out.get(model.bn1.batch_state_index)
+    np.testing.assert_allclose(mean1, h1.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var1, h1.var(0), rtol=1e-5)
+    assert int(out.get(model.bn1.batch_counter)) == len(SIZES)
+    mean2, var2 = out.get(model.bn2.ema_state_index)
+    np.testing.assert_allclose(mean2, h2.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(var2, h2.var(0), rtol=1e-5)
+    assert not bool(out.get(model.bn2.ema_first_time_index))
+
+
+def _hk_net(x, is_training):
+    x = hk.Linear(4)(x)
+    x = jax.nn.relu(jaxbn.haiku.BatchNorm(True, True, 0.9)(x, is_training))
+    return jaxbn.haiku.BatchNorm(True, True, 0.99)(hk.Linear(3)(x), is_training)
+
+
+def test_haiku_matches_hand_computation():
+    batches = _batches()
+    f = hk.transform_with_state(_hk_net)
+    params, state = f.init(jax.random.key(1), batches[0], True)
+    params = _random_params(params, 3)
+    before = jax.tree.map(np.array, state)
+    out = jaxbn.haiku.recompute_batch_stats(f, params, state, batches, is_training=False)  # still recomputed
+    jax.tree.map(np.testing.assert_array_equal, state, before)
+    assert jax.tree.structure(out) == jax.tree.structure(state)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    h1, h2 = _hand(batches, p["linear"]["w"], p["linear"]["b"], p["batch_norm"]["scale"][0],
+                   p["batch_norm"]["offset"][0], p["linear_1"]["w"], p["linear_1"]["b"])
+    for name, h, decay in (("batch_norm", h1, 0.9), ("batch_norm_1", h2, 0.99)):
+        for suffix, want in (("mean_ema", h.mean(0)), ("var_ema", h.var(0))):
+            ema = out[f"{name}/~/{suffix}"]
+            np.testing.assert_allclose(ema["average"][0], want, rtol=1e-5, atol=1e-5)
+            assert int(ema["counter"]) == len(SIZES)
+            np.testing.assert_allclose(ema["hidden"][0], want * (1 - decay ** len(SIZES)), rtol=1e-5, atol=1e-6)
+    # inference then uses the recomputed averages
+    y, _ = f.apply(params, out, None, batches[0], False)
+    assert np.all(np.isfinite(y))
+
+
+def _eqx_masked():
+    return eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(2, "batch", mode="batch")
+
+
+def _eqx_masked_forward(model, state, x, mask):
+    mask = jnp.broadcast_to(jnp.asarray(mask), (x.shape[0], 1))
+    call = jax.vmap(lambda x, m, s: model(x, s, mask=m), axis_name="batch", in_axes=(0, 0, None), out_axes=(0, None))
+    return call(x, mask, state)
+
+
+_hk_masked = hk.transform_with_state(lambda x, mask: jaxbn.haiku.BatchNorm(False, False, 0.9)(x, True, mask=mask))
+
+
+def _eqx_hk_recomputed(batches):
+    """(mean, var) of the one layer, recomputed by Equinox and by Haiku."""
+    bn, state = _eqx_masked()
+    out = jaxbn.equinox.recompute_batch_stats(bn, state, batches, forward=_eqx_masked_forward)
+    params, hk_state = _hk_masked.init(None, *batches[0])
+    hk_out = jaxbn.haiku.recompute_batch_stats(_hk_masked, params, hk_state, batches)
+    eqx_stats = tuple(out.get(bn.batch_state_index))
+    hk_stats = tuple(hk_out[f"batch_norm/~/{k}"]["average"][0] for k in ("mean_ema", "var_ema"))
+    return eqx_stats, hk_stats
+
+
+def test_equinox_haiku_masked_nan_and_all_masked_batches_contribute_nothing():
+    batches, kept = _masked_batches()
+    for mean, var in _eqx_hk_recomputed(batches):
+        np.testing.assert_allclose(mean, kept.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, kept.var(0), rtol=1e-5)
+
+
+def test_equinox_haiku_non_finite_batch_is_left_out_per_feature():
+    rng = np.random.default_rng(7)
+    xs = [(1.0 + 2.0 * rng.normal(size=(n, 2))).astype(np.float32) for n in (6, 5, 7, 3)]
+    xs[1][2, 0] = np.nan
+    xs[3][:] = np.inf
+    every = np.ones((1, 1), bool)
+    want0 = np.concatenate([xs[0], xs[2]])[:, 0].astype(np.float64)
+    want1 = np.concatenate(xs[:3])[:, 1].astype(np.float64)
+    for mean, var in _eqx_hk_recomputed([(x, every) for x in xs]):
+        np.testing.assert_allclose(mean, [want0.mean(), want1.mean()], rtol=1e-5)
+        np.testing.assert_allclose(var, [want0.var(), want1.var()], rtol=1e-5)
+
+
+def test_equinox_haiku_errors():
+    bn, state = _eqx_masked()
+    x = np.ones((4, 2), np.float32)
+    with pytest.raises(ValueError, match="batches is empty"):
+        jaxbn.equinox.recompute_batch_stats(bn, state, [])
+    with pytest.raises(ValueError, match=r"1 jaxbn.equinox.BatchNorm layer\(s\) of BatchNorm were never called"):
+        jaxbn.equinox.recompute_batch_stats(bn, state, [x], forward=lambda m, s, x: (x, s))
+    with pytest.raises(ValueError, match="has no jaxbn.equinox.BatchNorm layer to recompute"):
+        jaxbn.equinox.recompute_batch_stats(eqx.nn.Linear(2, 2, key=jax.random.key(0)), state, [x])
+    two = (jaxbn.equinox.BatchNorm(2, "a", mode="batch"), jaxbn.equinox.BatchNorm(2, "b", mode="batch"))
+    two_state = eqx.nn.State(two)
+    with pytest.raises(ValueError, match=r"axis names \['a', 'b'\]: pass forward="):
+        jaxbn.equinox.recompute_batch_stats(two, two_state, [x])
+    params, hk_state = _hk_masked.init(None, x, None)
+    with pytest.raises(ValueError, match="batches is empty"):
+        jaxbn.haiku.recompute_batch_stats(_hk_masked, params, hk_state, [])
+    with pytest.raises(ValueError, match="the state has no batch norm to recompute"):
+        jaxbn.haiku.recompute_batch_stats(_hk_masked, params, {}, [x])
+    skipping = hk.transform_with_state(
+        lambda x, use: jaxbn.haiku.BatchNorm(False, False, 0.9)(x, True) if use else x)
+    params, hk_state = skipping.init(None, x, True)
+    with pytest.raises(ValueError, match=r"the batch norm\(s\) \['batch_norm'\] were never called"):
+        jaxbn.haiku.recompute_batch_stats(skipping, params, hk_state, [x], use=False)

@@ -27,9 +27,7 @@ MOMENTUM = 0.9
 # Valid entries per device: unequal, and device 3 holds none (an empty shard).
 VALID = np.array([4, 1, 3, 0, 2, 4, 1, 2])
 
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < D, reason=f"needs {D} devices (the root conftest.py sets 8 fake CPU devices)"
-)
+pytestmark = pytest.mark.usefixtures("eight_devices")  # fewer devices: every test fails, saying why
 
 
 def _data(seed=0, offset=3.0, spread=2.0):
@@ -164,6 +162,26 @@ def test_batch_renorm_synced_matches_single_device():
     np.testing.assert_allclose(got[2][0], want[2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got[3]).reshape(-1, C), want[3], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got[4]).sum(0), want[4], rtol=1e-5, atol=1e-4)
+    # and both against float64 from the definition (Ioffe 2017: r and d are constants for the gradient)
+    e = _renorm_expected(2.5, 3.0, r_max=1.5, d_max=0.5)
+    np.testing.assert_allclose(np.asarray(got[0]).reshape(-1, C), e["y"], rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(got[1][0], e["mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[2][0], e["var"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[3]).reshape(-1, C), e["dx"], rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(got[4]).sum(0), e["dscale"], rtol=1e-5, atol=1e-4)
+
+
+def _renorm_expected(run_mean, run_var, r_max, d_max, momentum=0.99, eps=1e-5):
+    """float64 batch renorm on the concatenated batch: y, the updated running stats, dx and dscale."""
+    xf, mf, dyf = X.reshape(-1, C).astype(np.float64), MASK.reshape(-1, 1), DY.reshape(-1, C)
+    y, mean, var, n = ref.renorm_train(xf, np.full(C, run_mean), np.full(C, run_var), SCALE, BIAS,
+                                       r_max=r_max, d_max=d_max, eps=eps, mask=mf)
+    new_mean, new_var, _ = ref.update(np.full(C, run_mean), np.full(C, run_var), 0, mean, var, n, momentum)
+    s_b, s = np.sqrt(var + eps), np.sqrt(run_var + eps)
+    r, d = np.clip(s_b / s, 1 / r_max, r_max), np.clip((mean - run_mean) / s, -d_max, d_max)
+    dx = ref.bn_train_grads(xf, dyf, SCALE * r, mask=mf, eps=eps)[0]
+    dscale = (dyf * ((xf - mean) / s_b * r + d)).sum(0)
+    return {"y": y, "mean": new_mean, "var": new_var, "dx": dx, "dscale": dscale}
 
 
 # ----------------------------------------------------------------------------- shard_map and jit sharding
@@ -462,6 +480,9 @@ def test_batch_renorm_under_shard_map_matches_pmap():
     want = jax.jit(local, static_argnums=2)(X.reshape(-1, C), MASK.reshape(-1, 1), None)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    e = _renorm_expected(2.5, 3.0, r_max=1.5, d_max=5.0)  # and against float64 from the definition
+    for g, w in zip(got, (e["y"], e["mean"], e["var"]), strict=True):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------- reliability (docs/contract.md)
