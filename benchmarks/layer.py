@@ -124,6 +124,8 @@ def time_case(
                 "kernels": cost.kernels,
                 "full_size_passes": passes,
                 "bytes_accessed": cost.bytes_accessed,
+                # XLA's bytes accessed in passes over x's bytes (floor 8 for a train fwd+bwd)
+                "bytes_passes": cost.bytes_accessed / x0.nbytes,
                 "temp_bytes": cost.temp_bytes,
                 "compile_s": cost.compile_s,
                 "min_bytes": PASSES[mode] * x0.nbytes,

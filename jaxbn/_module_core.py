@@ -184,9 +184,13 @@ def _train(
     With one value per feature (and no `axis_name`) the core refuses to
     train; flax does not, so the input is seen twice along a new reduced
     axis: the moments (mean = x, var = 0), the output and its gradients are
-    exactly those of the single value.
+    exactly those of the single value. An empty batch (no value per feature)
+    returns an empty output and `stats` unchanged, as an all-masked batch
+    leaves them.
     """
-    if axis_name is None and lay.reduced_size <= 1:
+    if lay.reduced_size == 0:  # an empty batch is an all-masked one: nothing to normalize, stats unchanged
+        return jnp.zeros(x.shape, out_dtype), stats
+    if axis_name is None and lay.reduced_size == 1:
         twice = jnp.stack([x, x])
         y2, new = _train(
             twice, Layout.of(twice.shape, tuple(a + 1 for a in lay.feature_axes)), stats, scale, bias,

@@ -115,3 +115,17 @@ def test_every_wrapper_is_a_lazy_attribute_named_in_the_docstring(name):
 
     assert getattr(jaxbn, name) is sys.modules[f"jaxbn.{name}"]
     assert f"`jaxbn.{name}`" in jaxbn.__doc__
+
+
+@pytest.mark.parametrize("momentum", [0.9, None])
+def test_an_empty_training_batch_is_a_no_op(momentum):
+    """Zero rows in training (e.g. a data loader's empty last batch): an empty output and the running statistics
+    unchanged, as an all-masked batch leaves them (docs/contract.md, update_stats)."""
+    bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=momentum)
+    variables = bn.init(jax.random.key(0), jnp.asarray(X))
+    y, updates = bn.apply(variables, jnp.asarray(X[:0]), mutable=["batch_stats"])
+    assert y.shape == (0, 3) and y.dtype == jnp.float32
+    for k in ("mean", "var"):
+        np.testing.assert_array_equal(updates["batch_stats"][k], variables["batch_stats"][k])
+    grad = jax.grad(lambda x: bn.apply(variables, x, mutable=["batch_stats"])[0].sum())(jnp.asarray(X[:0]))
+    assert grad.shape == (0, 3)
