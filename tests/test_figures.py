@@ -153,7 +153,10 @@ def test_figures_quick_writes_the_metadata(tmp_path):
     fig = json.loads(out.read_text())
     meta = fig["meta"]
     assert meta["quick"] is True and meta["parts"] == ["collectives"]
-    assert re.fullmatch(r"[0-9a-f]{40}", meta["commit"]) and isinstance(meta["dirty"], bool)
+    if os.path.isdir(os.path.join(ROOT, ".git")):  # a clone; the wheel legs run a copy of the suite outside git
+        assert re.fullmatch(r"[0-9a-f]{40}", meta["commit"]) and isinstance(meta["dirty"], bool)
+    else:
+        assert meta["commit"] is None
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", meta["date_utc"])
     for lib in ("jax", "jaxlib", "flax", "numpy"):
         assert meta["versions"][lib]
