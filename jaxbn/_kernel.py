@@ -175,14 +175,19 @@ def affine_tangent(
     beta = -c * sums[0] * inv_n
     if opts.has_bias:
         beta = beta + db
-    centred = spelled_apart(xb, mean)
+    centred = spelled_apart(xb, mean)  # mean - x: the sign goes into alpha
+    alpha = -alpha
     if opts.out_dtype == dt:
         return dxf * c + centred * alpha + beta
     # Summed in out_dtype: the transpose of each convert is then its own
     # convert of the cotangent, behind its own barrier. (A forward-mode
     # tangent is thus rounded per term: within ~1.5 ulp of out_dtype.)
+    # `beta` reaches x's shape through `dxf * 0`, so that on a batch sharded
+    # under jax.jit it is sharded like the batch: a broadcast of the
+    # replicated `beta` behind the barrier is replicated, and its transpose
+    # all-gathers the whole cotangent.
     t_alpha, t_beta = lax.optimization_barrier(
-        ((centred * alpha).astype(opts.out_dtype), jnp.broadcast_to(beta, x.shape).astype(opts.out_dtype))
+        ((centred * alpha).astype(opts.out_dtype), (dxf * 0 + beta).astype(opts.out_dtype))
     )
     return (dxf * c).astype(opts.out_dtype) + t_alpha + t_beta
 

@@ -139,8 +139,9 @@ def _shifted_sums(
     """S1 = sum(w (x - K)) and S2 = sum(w |x - K|^2): one fused read of `x`, nothing full-size written."""
     dt = shift.dtype
     xa, xb = separate_converts(x, dt)
-    d1 = xa - shift
-    d2 = spelled_apart(xb, shift)
+    ka, kb = lax.optimization_barrier((shift, shift))  # two broadcasts of K, each fused into its reduction
+    d1 = xa - ka
+    d2 = spelled_apart(xb, kb)  # K - x: squared, the sign does not matter
     if mask is not None:
         d1 = jnp.where(mask, d1, jnp.zeros((), dt))
         d2 = jnp.where(mask, d2, jnp.zeros((), dt))
@@ -261,6 +262,15 @@ def _unpack(parts: Sequence[jax.Array], complex_: bool) -> jax.Array:
     return lax.complex(parts[0], parts[1]) if complex_ else parts[0]
 
 
+def _pack_moments(mean: jax.Array, m2: jax.Array) -> jax.Array:
+    """(mean, M2) as one array: a branch of `lax.switch` then returns it from one kernel."""
+    return jnp.stack([*_pack(mean), m2])
+
+
+def _unpack_moments(packed: jax.Array, complex_: bool) -> tuple[jax.Array, jax.Array]:
+    return _unpack(list(packed[:-1]), complex_), packed[-1]
+
+
 def _is_varying(x: jax.Array, axis_name: AxisName) -> bool:
     """Whether `x` is typed as varying over every name in `axis_name` (shard_map's manual axes)."""
     aval = jax.typeof(x)
@@ -294,29 +304,77 @@ def _all_gather(packed: jax.Array, axis_name: AxisName, axis_index_groups: AxisI
 _LIMB = 4096
 
 
+def _fold(v: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array], neutral: object) -> jax.Array:
+    """`op`-reduction of the 1-D `v` to a scalar by slices and `op`, eight at a time: no reduce instruction.
+
+    A reduce of a small vector is a kernel of its own (two on XLA's CPU
+    backend, which splits it into a tree); slices combined elementwise are
+    work that XLA fuses into the consumer. `op` must be associative and
+    commutative (add modulo 2^32, max); `neutral` pads `v`.
+    """
+    while v.shape[0] > 1:
+        width = -(-v.shape[0] // _FOLD)
+        if width * _FOLD != v.shape[0]:
+            v = jnp.concatenate([v, jnp.full((width * _FOLD - v.shape[0],), neutral, v.dtype)])
+        acc = v[:width]
+        for j in range(1, _FOLD):
+            acc = op(acc, v[j * width:(j + 1) * width])
+        v = acc
+    return v[0] if v.shape[0] else jnp.asarray(neutral, v.dtype)
+
+
+#: `_fold`'s fan-in: few levels, so that XLA fuses them all into one kernel.
+_FOLD = 8
+
+
 def _fingerprint(k: jax.Array) -> jax.Array:
     """32 bits (float32 0 or 1) of a hash of the bit pattern of `k`: equal arrays give equal bits.
 
     `sum_f bits(k_f) * m_f mod 2^32` with odd multipliers `m_f`: arrays that
     differ in one element always differ here, others with chance ~2^-32.
+    Summed by halving (`_fold`), so the hash fuses into the kernel that
+    packs the all-reduce's operand.
     """
     parts = [k.real, k.imag] if jnp.iscomplexobj(k) else [k]
-    bits = jnp.concatenate([jnp.ravel(lax.bitcast_convert_type(p, jnp.uint32)) for p in parts])
+    words = []
+    for p in parts:
+        w = lax.bitcast_convert_type(jnp.ravel(p), jnp.uint32)  # float64: two words per value
+        words.append(jnp.ravel(w))
+    bits = jnp.concatenate(words)
     i = lax.iota(jnp.uint32, bits.size)
-    h = jnp.sum(bits * ((i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)), dtype=jnp.uint32)
+    h = _fold(bits * ((i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)), jnp.add, jnp.uint32(0))
     return ((h >> lax.iota(jnp.uint32, 32)) & jnp.uint32(1)).astype(jnp.float32)
 
 
-def _psum_flat(parts: list[jax.Array], axis_name: AxisName, groups: AxisIndexGroups) -> list[jax.Array]:
-    """Sums every array of `parts` (real, any shapes) over the devices in ONE all-reduce."""
+def _psum_flat(parts: list[jax.Array], axis_name: AxisName, groups: AxisIndexGroups) -> Callable[[], list[jax.Array]]:
+    """Sums every array of `parts` (real, any shapes) over the devices in ONE all-reduce.
+
+    Returns a function that slices the sums out of the reduced buffer: call
+    it where they are used (in each branch of a `lax.switch`, too), so the
+    slices fuse into those kernels instead of being copied out first.
+    """
     dt = np.result_type(*(p.dtype for p in parts))  # float64 sums next to float32 counts under jax x64
     flat = jnp.concatenate([jnp.ravel(p).astype(dt) for p in parts])
     total = lax.psum(flat, axis_name, axis_index_groups=groups)
-    out, start = [], 0
-    for p in parts:
-        out.append(jnp.reshape(total[start:start + p.size], p.shape).astype(p.dtype))
-        start += p.size
-    return out
+    shapes = [(p.shape, p.dtype, p.size) for p in parts]
+
+    def split() -> list[jax.Array]:
+        out, start = [], 0
+        for shape, dtype, size in shapes:
+            out.append(jnp.reshape(total[start:start + size], shape).astype(dtype))
+            start += size
+        return out
+
+    return split
+
+
+def _typed_sharded(x: jax.Array, red: tuple[int, ...]) -> bool:
+    """Whether `x`'s type says it is sharded along a reduced axis (a mesh with Explicit axes)."""
+    try:
+        spec = tuple(jax.typeof(x).sharding.spec)
+    except (AttributeError, TypeError, ValueError):  # no sharding in the type (older JAX, Auto axes)
+        return False
+    return any(a < len(spec) and spec[a] is not None for a in red)
 
 
 def _known_shared(x: jax.Array, shift: jax.Array, axis_name: AxisName) -> bool:
@@ -331,7 +389,7 @@ def _known_shared(x: jax.Array, shift: jax.Array, axis_name: AxisName) -> bool:
     return not any(n in varying for n in names)
 
 
-def shifted_global_moments(
+def shifted_moments(
     x: jax.Array,
     red: tuple[int, ...],
     mask: jax.Array | None,
@@ -339,13 +397,15 @@ def shifted_global_moments(
     axis_index_groups: AxisIndexGroups,
     shift: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(N, mean, biased var) over `red` and the devices, keepdims: ONE all-reduce when the shift is good.
+    """(N, mean, biased var) over `red` (and the devices of `axis_name`), keepdims: one pass when the shift is good.
 
     Every device sums about the same shift `K` (`shift`, e.g. the running
     mean; 0 if None), so the sums add up across devices: one all-reduce of
     `(S1, S2)`, plus the count in integer limbs if there is a mask, plus a
     fingerprint of `K` when nothing proves it is the same on every device.
-    From the reduced values, identical on every device:
+    Without `axis_name` there is no all-reduce (and on a batch sharded under
+    `jax.jit` the reductions' own all-reduce is the only one: `K` needs
+    none). From the reduced values, identical on every device:
 
     * `K` differed between devices (fingerprint bits not all 0 or all 1):
       the local moments about each device's own pilot, combined by Chan's
@@ -354,9 +414,13 @@ def shifted_global_moments(
       sums again about the mean just found (one more pass, one more
       all-reduce);
     * otherwise (the common case) nothing more.
+
+    The branch (`lax.switch`) returns sums about a center, and the mean and
+    variance are formed after it, inside the kernels that use them.
     """
     dt = stats_dtype(x.dtype)
-    size = axis_size(axis_name, axis_index_groups)
+    synced = axis_name is not None
+    size = axis_size(axis_name, axis_index_groups) if synced else 1
     kshape = tuple(1 if a in red else d for a, d in enumerate(x.shape))
     if shift is None:
         k = jnp.zeros(kshape, dt)
@@ -366,62 +430,82 @@ def shifted_global_moments(
         if jnp.iscomplexobj(k) and not jnp.issubdtype(dt, jnp.complexfloating):
             k = k.real
         k = jnp.broadcast_to(k.astype(dt), kshape)
-        check_shared = not _known_shared(x, k, axis_name)
+        check_shared = synced and not _known_shared(x, k, axis_name)
     cplx = jnp.iscomplexobj(k)
+    k_ = 2 if cplx else 1
+
+    def reduced(parts: list[jax.Array]) -> Callable[[], list[jax.Array]]:
+        return _psum_flat(parts, axis_name, axis_index_groups) if synced else lambda: parts
 
     s1, s2 = _shifted_sums(x, red, mask, k)
     parts = [*_pack(s1), s2]
     n_local = _count_int(mask, x.shape, red)
-    if not isinstance(n_local, int):
+    if synced and not isinstance(n_local, int):
         parts += [(n_local // _LIMB).astype(jnp.float32), (n_local % _LIMB).astype(jnp.float32)]
     if check_shared:
         parts.append(_fingerprint(k))
-    total = _psum_flat(parts, axis_name, axis_index_groups)
-    k_ = 2 if cplx else 1
-    s1, s2 = _unpack(total[:k_], cplx), total[k_]
-    if isinstance(n_local, int):
-        big_n = jnp.full((1,) * x.ndim, float(n_local * size), jnp.float32)
-    else:
-        big_n = total[k_ + 1] * float(_LIMB) + total[k_ + 2]
-    safe_n = jnp.maximum(big_n, 1.0).astype(_real(dt))
-    zero = jnp.zeros((), dt)
+    split = reduced(parts)
+    rdt = _real(dt)
 
-    def about(center: jax.Array, t1: jax.Array, t2: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(mean, var) from sums about `center`; 0 where no entry is valid."""
-        mean = center + t1 / safe_n.astype(t1.dtype)
-        var = jnp.maximum(t2 - _abs_sq(t1) / safe_n, 0.0) / safe_n
-        return (mean if isinstance(n_local, int) else jnp.where(big_n > 0, mean, zero)), var
+    def count() -> jax.Array:
+        """N (float32, keepdims): exact, rounded once."""
+        if isinstance(n_local, int):
+            return jnp.full((1,) * x.ndim, float(n_local * size), jnp.float32)
+        if not synced:
+            return n_local.astype(jnp.float32)
+        hi, lo = split()[k_ + 1:k_ + 3]
+        return hi * float(_LIMB) + lo
 
-    mean, var = about(k, s1, s2)
+    def inv_count() -> jax.Array:
+        if isinstance(n_local, int):  # a constant: the mean and variance are multiplies XLA fuses anywhere
+            return jnp.asarray(1.0 / max(n_local * size, 1), rdt)
+        return 1.0 / jnp.maximum(count(), 1.0).astype(rdt)
 
-    def keep() -> tuple[jax.Array, jax.Array]:
-        return mean, var
+    def about(center: jax.Array, t1: jax.Array, t2: jax.Array) -> jax.Array:
+        """(mean, M2) from the sums about `center` (M2 = S2 - |S1|^2 / N), packed as one array."""
+        inv_n = inv_count()
+        return _pack_moments(center + t1 * inv_n.astype(t1.dtype), t2 - _abs_sq(t1) * inv_n)
 
-    def recentre() -> tuple[jax.Array, jax.Array]:
-        g = lax.stop_gradient(mean)
+    def keep() -> jax.Array:
+        t = split()
+        return about(k, _unpack(t[:k_], cplx), t[k_])
+
+    def recentre() -> jax.Array:
+        g = lax.stop_gradient(_unpack_moments(keep(), cplx)[0])
         t1, t2 = _shifted_sums(x, red, mask, g)
-        u = _psum_flat([*_pack(t1), t2], axis_name, axis_index_groups)
+        u = reduced([*_pack(t1), t2])()
         return about(g, _unpack(u[:k_], cplx), u[k_])
 
-    def chan() -> tuple[jax.Array, jax.Array]:
+    def chan() -> jax.Array:
         n_i, mean_i, lo_i, m2_i = local_moments(x, red, mask)
 
         def psum_packed(vs: list[jax.Array]) -> list[jax.Array]:
             return list(lax.psum(jnp.stack(vs), axis_name, axis_index_groups=axis_index_groups))
 
         _, gmean, gm2 = chan_combine(n_i, mean_i, m2_i, psum_packed, mean_lo=lo_i)
-        return gmean, gm2 / safe_n
+        return _pack_moments(gmean, gm2)
 
     # The branch to take, from reduced values only (the same on every device): 1 where the
-    # cancellation bound fails (S2 > _CANCELLATION * M2), 2 where the shift differed.
-    # (S2 > C * M2 with M2 = S2 - |S1|^2 / N, written from the reduced sums alone.)
-    index = (jnp.max(_CANCELLATION * _abs_sq(s1) / safe_n - (_CANCELLATION - 1.0) * s2) > 0).astype(jnp.int32)
+    # cancellation bound fails for some feature, 2 where the shift differed. Sums about K:
+    # S2 = M2 + N |mean - K|^2, and M2 = S2 - |S1|^2 / N loses about 2^-24 * S2 to
+    # cancellation, so the bound S2 <= C * M2 keeps it within C * 2^-24. One code per
+    # feature (the fingerprint's bits tiled over the features), folded by slices (`_fold`).
+    t = split()
+    m2 = _unpack_moments(keep(), cplx)[1]
+    codes = jnp.ravel(_CANCELLATION * m2 < t[k_]).astype(jnp.int32)
     branches = [keep, recentre]
     if check_shared:
-        bits = total[-1]
-        index = jnp.where(jnp.max(bits * (size - bits)) > 0, 2, index)
+        bits = t[-1]
+        differ = jnp.where(bits * (size - bits) > 0, 2, 0).astype(jnp.int32)
+        width = -(-max(codes.size, differ.size) // differ.size) * differ.size
+        codes = jnp.maximum(jnp.pad(codes, (0, width - codes.size)), jnp.tile(differ, width // differ.size))
         branches.append(chan)
-    mean, var = lax.switch(index, branches)
+    index = _fold(codes, jnp.maximum, 0)
+    mean, m2 = _unpack_moments(lax.switch(index, branches), cplx)
+    big_n = count()
+    var = jnp.maximum(m2, 0.0) * inv_count()
+    if not isinstance(n_local, int):
+        mean = jnp.where(big_n > 0, mean, jnp.zeros((), dt))
     return jnp.broadcast_to(big_n, var.shape), mean, var
 
 
@@ -463,7 +547,11 @@ def moments_keepdims(
     if strategy not in ("auto", "gather", "psum"):
         raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")
     if axis_name is not None and strategy != "gather":
-        return shifted_global_moments(x, red, mask, axis_name, axis_index_groups, shift)
+        return shifted_moments(x, red, mask, axis_name, axis_index_groups, shift)
+    if axis_name is None and (strategy == "psum" or (shift is not None and _typed_sharded(x, red))):
+        # A batch sharded under jax.jit: the partitioner all-reduces every reduction over a sharded
+        # axis, the pilot's too. Sums about the shared shift need one all-reduce (and a branch).
+        return shifted_moments(x, red, mask, None, None, shift)
     else:
         n, mean, mean_lo, m2 = local_moments(x, red, mask)
         if axis_name is not None:

@@ -37,8 +37,11 @@ def separate_converts(x: jax.Array, dtype: DTypeLike) -> tuple[jax.Array, jax.Ar
 
 
 def spelled_apart(x: jax.Array, k: jax.Array) -> jax.Array:
-    """`x - k` spelled as `x + (-k)`: the same value, but not CSE'd with a plain `x - k`.
+    """`k - x`, the negated difference: not CSE'd with a plain `x - k`, and with no kernel of its own.
 
-    Use it for the second of two consumers of `x - k` (see the module docstring).
+    Use it for the second of two consumers of `x - k` (see the module docstring),
+    where the sign is squared away or folded into a per-feature factor.
+    (`x + (-k)` would also stay apart, but its `-k` is a small kernel of its
+    own on XLA's CPU backend.)
     """
-    return x + (-k)
+    return k - x

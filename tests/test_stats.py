@@ -254,3 +254,17 @@ def test_count_past_2_24_is_the_exact_integer_rounded_once():
     assert float(m.count[0]) == float(np.float32(3 * valid))  # the nearest float32 to the exact integer
     np.testing.assert_allclose(m.mean, [2.5], rtol=1e-6)
     np.testing.assert_allclose(m.var, [0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 9, 63, 64, 65, 512, 513, 1000])
+def test_fold_is_the_reduction(size):
+    """The slice-and-combine reduction the fallback predicate and the shift fingerprint use."""
+    from jaxbn._stats import _fold
+
+    rng = np.random.default_rng(size)
+    v = rng.normal(size=size).astype(np.float32)
+    assert float(jax.jit(lambda a: _fold(a, jnp.maximum, -np.inf))(v)) == v.max()
+    bits = rng.integers(0, 2**32, size=size, dtype=np.uint64)
+    want = int(bits.sum() % 2**32)
+    got = jax.jit(lambda a: _fold(a, jnp.add, jnp.uint32(0)))(bits.astype(np.uint32))
+    assert int(got) == want

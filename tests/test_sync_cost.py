@@ -170,3 +170,55 @@ def test_counts_past_2_24_are_exact_across_devices():
     var = (valid * (values - mean) ** 2).sum() / total
     np.testing.assert_allclose(m.mean[:, 0], mean, rtol=1e-6)
     np.testing.assert_allclose(m.var[:, 0], var, rtol=1e-5)
+
+
+def _explicit_jit_step(dtype, running_mean, mask=None):
+    """A jitted train step (grads of sum(y * x) and the new stats) on a batch sharded over an Explicit mesh axis."""
+    mesh = jax.make_mesh((D,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    x, valid = _batch(offset=3.0)
+    xs = jax.device_put(jnp.asarray(x.reshape(D * B, C), dtype), NamedSharding(mesh, P("data")))
+    ms = None if mask is None else jax.device_put(valid.reshape(D * B, 1), NamedSharding(mesh, P("data")))
+
+    def step(x, m, rm):
+        def loss(x):
+            stats = jaxbn.RunningStats(rm, jnp.ones(C), jnp.zeros((), jnp.int32))
+            y, new = jaxbn.batch_norm(x, stats, training=True, momentum=0.0, mask=m)
+            return jnp.sum(y.astype(jnp.float32) * x.astype(jnp.float32)), new
+
+        return jax.grad(loss, has_aux=True)(x)
+
+    return step, (xs, ms, jnp.asarray(running_mean, jnp.float32)), x, valid
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jit_on_a_sharded_batch_takes_flax_collective_budget(dtype):
+    """Plain jit, batch typed sharded: the running mean is the shift, so the forward is one all-reduce
+    (no pilot), the backward one; nothing full-size crosses devices (bfloat16 once all-gathered the
+    whole cotangent)."""
+    step, args, _, _ = _explicit_jit_step(dtype, np.zeros(C))
+    every = hlo.count_collectives(step, *args, where="outside")
+    assert every == {**dict.fromkeys(hlo.KINDS, 0), "all-reduce": 2}
+    assert hlo.count_collectives(step, *args, where="branches") == {**dict.fromkeys(hlo.KINDS, 0), "all-reduce": 1}
+
+
+@pytest.mark.parametrize("mask", [None, "uneven"])
+@pytest.mark.parametrize("running_mean", [3.0, -5e4], ids=["near", "far: recentred"])
+def test_jit_on_a_sharded_batch_gives_the_whole_batch_statistics(mask, running_mean):
+    step, args, x, valid = _explicit_jit_step("float32", np.full(C, running_mean), mask)
+    _, new = jax.jit(step)(*args)
+    m = None if mask is None else valid.reshape(-1, 1)
+    mean, var, _ = ref.moments(x.reshape(-1, C), mask=m)
+    np.testing.assert_allclose(new.mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.var, var, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+def test_psum_strategy_without_axis_name_sums_about_zero(offset):
+    """strategy="psum" with no axis_name: sums about 0 (one all-reduce under jit on a sharded batch),
+    recentred when the data sit far from 0, on one device too."""
+    x, mask = _batch(offset=offset, seed=3)
+    m = jaxbn.moments(x.reshape(-1, C), mask=mask.reshape(-1, 1), strategy="psum")
+    mean, var, n = ref.moments(x.reshape(-1, C), mask=mask.reshape(-1, 1))
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m.var, var, rtol=1e-4)
+    np.testing.assert_array_equal(m.count, n)
