@@ -123,6 +123,10 @@ def model_main(argv: Sequence[str]) -> dict[str, Any] | None:
         "--placements", default=",".join(grid.PLACEMENTS), help="comma-separated: " + ", ".join(grid.PLACEMENTS)
     )
     p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--compile-only", action="store_true",
+        help="print the deterministic costs (kernels, collectives, bytes, BN in context) as JSON rows; no timing",
+    )
     opts = p.parse_args(list(argv))
 
     def text(rep: dict[str, Any], markdown: bool) -> str:
@@ -141,6 +145,9 @@ def model_main(argv: Sequence[str]) -> dict[str, Any] | None:
     dtypes = [d for d in opts.dtypes.split(",") if d]
     impls = [i for i in opts.impls.split(",") if i]
     reps = opts.reps if opts.reps is not None else (2 if opts.quick else 9)
+    if opts.compile_only:
+        print(json.dumps(model.costs(cases, placements, dtypes, impls)))
+        return None
     if opts.rows_only:
         from benchmarks.timing import progress
 

@@ -11,7 +11,10 @@ quote and writes them into one JSON file (default `FIGURES_JSON`):
   where batch norm costs more than flax's stand next to those where it costs less;
 * ``collectives``: the collectives of one synchronized layer at 8 and 64
   simulated devices (`benchmarks.collectives`);
-* ``claims``: the README comparison table's numerical claims (`benchmarks.claims`).
+* ``claims``: the README comparison table's numerical claims (`benchmarks.claims`);
+* ``costs``: compile-only costs of flax's ImageNet ResNet-18 and ResNet-50
+  steps (`benchmarks.model.costs`): kernels, collectives, bytes accessed,
+  BN in context, every placement and dtype.
 
 The file records the commit (and whether the tree had uncommitted changes),
 the date, the machine and device, and the versions of jax, jaxlib, flax,
@@ -38,7 +41,7 @@ from benchmarks import grid
 #: Where the figures are written and read, relative to the repository root.
 FIGURES_JSON = os.path.join("docs", "figures.json")
 #: The parts, in the order they run.
-PARTS = ("claims", "collectives", "layer", "model")
+PARTS = ("claims", "collectives", "layer", "model", "costs")
 #: Timed repetitions of the full run (``--quick``: 2), sized for about 15 minutes on 2 quiet CPU cores.
 LAYER_REPS, MODEL_REPS = 5, 7
 #: The whole-model configuration the README quotes (and ``--quick``'s).
@@ -119,6 +122,14 @@ def run(
             reps=model_reps or (2 if quick else MODEL_REPS),
             progress=progress,
             argv=["--reps", str(model_reps or (2 if quick else MODEL_REPS))],
+        )
+    if "costs" in parts:
+        from benchmarks import model
+
+        out["costs"] = model.costs(
+            [QUICK_MODEL_CASE] if quick else list(model.COST_GRID),
+            ["1dev", "pmap"] if quick else list(grid.PLACEMENTS),
+            ["float32"] if quick else list(grid.DTYPES),
         )
     out["meta"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return out

@@ -108,6 +108,9 @@ class Cost(NamedTuple):
       kernels_all: kernels with every branch of every conditional counted.
       fallback_collectives: `{kind: count}` inside conditional branches
         (fallbacks that run only when their predicate says so).
+      bytes_common: `bytes_accessed` on the common path: less what XLA charges
+        for each conditional's costliest branch above its cheapest
+        (`fallback_excess_bytes`).
     """
 
     kernels: int
@@ -117,6 +120,7 @@ class Cost(NamedTuple):
     compile_s: float
     kernels_all: int = 0
     fallback_collectives: dict[str, int] = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
+    bytes_common: float = 0.0
 
 
 def array_bytes(shape: str) -> int:
@@ -249,6 +253,67 @@ def full_size_passes(hlo_text: str, elements: int, itemsize: int) -> float:
         arrays = [instr.shape] + [shapes[o] for o in _OPERAND_RE.findall(instr.rest.split("),", 1)[0]) if o in shapes]
         total += sum(array_bytes(s) for s in arrays if _elements(s) >= elements)
     return total / (elements * itemsize)
+
+
+_PARAM_RE = re.compile(r"parameter\((\d+)\)")
+
+
+def _kernel_bytes(instr: Instruction, shapes: dict[str, str], comps: dict[str, list[Instruction]]) -> int:
+    """Bytes one kernel reads and writes: its operands and its result.
+
+    An operand that the fused computation only slices counts the slices'
+    bytes (as XLA's cost analysis does), not the whole operand's.
+    """
+    operands = [shapes[o] for o in _OPERAND_RE.findall(instr.rest.split("),", 1)[0]) if o in shapes]
+    sliced: dict[int, int] = {}
+    fused = comps.get(next(iter(_called(instr)), ""), []) if instr.opcode == "fusion" else []
+    for p in fused:
+        m = _PARAM_RE.search(p.opcode + "(" + p.rest) if p.opcode == "parameter" else None
+        if m is None:
+            continue
+        users = [u for u in fused if re.search(rf"%{re.escape(p.name)}\b", u.rest.split("),", 1)[0])]
+        if users and all(u.opcode == "slice" for u in users):
+            sliced[int(m.group(1))] = sum(array_bytes(u.shape) for u in users)
+    return sum(sliced.get(i, array_bytes(s)) for i, s in enumerate(operands)) + array_bytes(instr.shape)
+
+
+def fallback_excess_bytes(hlo_text: str) -> int:
+    """Bytes XLA's cost analysis charges for the costliest branch of each conditional, above its cheapest.
+
+    XLA's "bytes accessed" counts a conditional as its most expensive branch.
+    When the branches are a rarely taken fallback and the common path, the
+    common path's bytes are `bytes_accessed - fallback_excess_bytes`. Branch
+    costs are estimated the same way for every branch: each kernel's operand
+    and result bytes (nested conditionals at their costliest branch).
+    """
+    comps, entry = computations(hlo_text)
+    if entry is None:
+        return 0
+
+    def cost(name: str) -> int:
+        instrs = comps.get(name, [])
+        shapes = {i.name: i.shape for i in instrs}
+        total = 0
+        for instr in instrs:
+            if instr.opcode == "conditional":
+                total += max((cost(c) for c in _called(instr)), default=0)
+            elif instr.opcode in CONTROL_OPCODES:
+                total += sum(cost(c) for c in _called(instr))
+            elif instr.opcode not in FREE_OPCODES and not instr.opcode.endswith("-done"):
+                total += _kernel_bytes(instr, shapes, comps)
+        return total
+
+    def excess(name: str) -> int:
+        total = 0
+        for instr in comps.get(name, []):
+            if instr.opcode == "conditional":
+                branches = [cost(c) for c in _called(instr)]
+                total += max(branches, default=0) - min(branches, default=0)
+            elif instr.opcode in CONTROL_OPCODES:
+                total += sum(excess(c) for c in _called(instr))
+        return total
+
+    return excess(entry)
 
 
 def _group_size(line: str) -> int | None:
@@ -387,8 +452,9 @@ def analyze(compiled: jax.stages.Compiled, compile_s: float = 0.0) -> Cost:
     """
     text = compiled.as_text() or ""
     ops = parse_collectives(text)
+    total = bytes_accessed(compiled)
     return Cost(
-        count_kernels(text, "fewest"), bytes_accessed(compiled), temp_bytes(compiled),
+        count_kernels(text, "fewest"), total, temp_bytes(compiled),
         summarize_collectives(ops, "outside")[0], compile_s, count_kernels(text, "all"),
-        summarize_collectives(ops, "branches")[0],
+        summarize_collectives(ops, "branches")[0], total - fallback_excess_bytes(text),
     )

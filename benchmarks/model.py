@@ -159,6 +159,7 @@ def time_group(
             "compile_s": costs[impl].compile_s,
             "temp_bytes": costs[impl].temp_bytes,
             "bytes_accessed": costs[impl].bytes_accessed,
+            "bytes_common": costs[impl].bytes_common,
             "kernels": costs[impl].kernels,
             "collectives": costs[impl].collectives,
             "kernels_all": costs[impl].kernels_all,
@@ -191,7 +192,9 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
 
     In-context cost (`row["bn"]`): the row minus the identity row of its
     group, for the median of per-round time differences, bytes accessed,
-    kernels and temp bytes, each also as a ratio to flax's.
+    kernels and temp bytes, each also as a ratio to flax's; and bytes on the
+    common path (`hlo.Cost.bytes_common`: XLA charges a conditional its
+    costliest branch, here the rarely taken fallback).
     """
     groups: dict[tuple[str, str, str], dict[str, Row]] = {}
     for r in rows:
@@ -209,6 +212,7 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
             r["bn"] = {
                 "ms": float(np.median(np.asarray(r["times_ms"]) - np.asarray(ident["times_ms"]))),
                 "bytes_accessed": r["bytes_accessed"] - ident["bytes_accessed"],
+                "bytes_common": r["bytes_common"] - ident["bytes_common"],
                 "kernels": r["kernels"] - ident["kernels"],
                 "temp_bytes": r["temp_bytes"] - ident["temp_bytes"],
             }
@@ -220,6 +224,7 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
                 bn[f"{'bytes' if key == 'bytes_accessed' else key.split('_')[0]}_vs_flax"] = (
                     _ratio(bn[key], ref_bn[key]) if ref_bn else None
                 )
+            bn["bytes_common_vs_flax"] = _ratio(bn["bytes_common"], ref_bn["bytes_common"]) if ref_bn else None
     misses: dict[str, list[str]] = {
         "in-context BN bytes accessed <= 0.7x flax's": [],
         "kernels <= flax's": [],
@@ -309,6 +314,56 @@ def run(
     out["summary"] = summarize(rows)
     meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return out
+
+
+#: The whole-model cost grid (compile-only, deterministic): flax's ImageNet ResNet-18 and ResNet-50 at
+#: width 64, global batch 32 at 32 px, as in `costs`.
+COST_GRID = (ModelCase("resnet18", 32, 32, 64), ModelCase("resnet50", 32, 32, 64))
+
+
+def costs(
+    cases: Sequence[ModelCase], placements: Sequence[str], dtypes: Sequence[str], impls: Sequence[str] = IMPLS
+) -> list[Row]:
+    """Compile-only rows: each step's deterministic costs and BN's in-context cost, no timing.
+
+    Per row: kernels (common path), collectives every step runs and those in
+    fallback branches, bytes accessed (XLA's, and on the common path) and,
+    under "bn", the row minus the identity row with ratios to flax's. The
+    8-device placements run in a child Python when this process has fewer
+    devices.
+    """
+    impls = list(dict.fromkeys([*impls, "identity"]))
+    here = [p for p in placements if p == "1dev" or jax.device_count() >= DEVICES]
+    away = [p for p in placements if p not in here]
+    rows: list[Row] = []
+    for case in cases:
+        for placement in here:
+            for dt in dtypes:
+                group = {}
+                for impl in impls:
+                    cost = compile_step(case, impl, dt, placement)[2]
+                    group[impl] = {
+                        "model": case.label, "placement": placement, "dtype": dt, "impl": impl,
+                        "kernels": cost.kernels, "kernels_all": cost.kernels_all,
+                        "collectives": cost.collectives, "fallback_collectives": cost.fallback_collectives,
+                        "bytes_accessed": cost.bytes_accessed, "bytes_common": cost.bytes_common,
+                    }  # fmt: skip
+                ref, ident = group.get(REFERENCE), group["identity"]
+                for r in group.values():
+                    if r["impl"] == "identity":
+                        r["bn"] = None
+                        continue
+                    bn = {k: r[k] - ident[k] for k in ("kernels", "bytes_accessed", "bytes_common")}
+                    if ref is not None:
+                        for k in ("kernels", "bytes_accessed", "bytes_common"):
+                            bn[f"{k}_vs_flax"] = _ratio(bn[k], ref[k] - ident[k])
+                    r["bn"] = bn
+                rows += group.values()
+    if away:
+        args = ["model", "--compile-only", "--placements", ",".join(away), "--dtypes", ",".join(dtypes),
+                "--impls", ",".join(impls), "--configs", ",".join(f"{c.arch}:{c.batch}:{c.image}:{c.width}" for c in cases)]  # fmt: skip
+        rows += in_subprocess(args, DEVICES, timeout=3600)  # type: ignore[arg-type]
+    return rows
 
 
 def parse_configs(spec: str) -> list[ModelCase]:

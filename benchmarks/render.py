@@ -32,7 +32,7 @@ from benchmarks.figures import FIGURES_JSON, ROOT
 
 Figures = Mapping[str, Any]
 #: The files rendered, relative to the repository root.
-FILES = ("README.md", os.path.join("docs", "benchmark.md"))
+FILES = ("README.md", os.path.join("docs", "benchmark.md"), os.path.join("docs", "sync.md"))
 
 _ROW_RE = re.compile(r"^\|\s*<!-- fig:(?P<name>[\w-]+) -->.*$", re.M)
 _BLOCK_RE = re.compile(r"^<!-- figures:(?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /figures:(?P=name) -->$", re.M | re.S)
@@ -342,7 +342,31 @@ def block_claims(fig: Figures) -> str:
 
 
 #: docs/benchmark.md blocks: tag name -> the block's Markdown.
+def block_costs(fig: Figures) -> str:
+    """docs/sync.md's whole-step table: kernels, collectives and BN bytes, flax vs jaxbn.linen."""
+    rows = _part(fig, "costs")
+    by = {(r["model"], r["placement"], r["dtype"], r["impl"]): r for r in rows}
+    out = [
+        "| model | placement | dtype | kernels: flax / jaxbn (BN only) | collectives: flax / jaxbn (+ fallback) "
+        "| BN bytes, jaxbn / flax: XLA's (fallback charged) / common path |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for (model, placement, dtype, impl), j in by.items():
+        f = by.get((model, placement, dtype, "flax"))
+        if impl != "jaxbn.linen" or f is None or not j.get("bn") or not f.get("bn"):
+            continue
+        fb = sum(j["fallback_collectives"].values())
+        out.append(
+            f"| {model} | {_placement(placement)} | {dtype} | {f['kernels']} / {j['kernels']} "
+            f"({f['bn']['kernels']} / {j['bn']['kernels']}) | {sum(f['collectives'].values())} / "
+            f"{sum(j['collectives'].values())}{f' (+{fb})' if fb else ''} | "
+            f"{_x(j['bn']['bytes_accessed_vs_flax'])} / {_x(j['bn']['bytes_common_vs_flax'])} |"
+        )
+    return "\n".join(out)
+
+
 BLOCKS: dict[str, Callable[[Figures], str]] = {
+    "costs": block_costs,
     "meta": block_meta,
     "layer": block_layer,
     "model": block_model,

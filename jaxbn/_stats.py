@@ -139,9 +139,8 @@ def _shifted_sums(
     """S1 = sum(w (x - K)) and S2 = sum(w |x - K|^2): one fused read of `x`, nothing full-size written."""
     dt = shift.dtype
     xa, xb = separate_converts(x, dt)
-    ka, kb = lax.optimization_barrier((shift, shift))  # two broadcasts of K, each fused into its reduction
-    d1 = xa - ka
-    d2 = spelled_apart(xb, kb)  # K - x: squared, the sign does not matter
+    d1 = xa - shift
+    d2 = spelled_apart(xb, shift)  # K - x: squared, the sign does not matter
     if mask is not None:
         d1 = jnp.where(mask, d1, jnp.zeros((), dt))
         d2 = jnp.where(mask, d2, jnp.zeros((), dt))

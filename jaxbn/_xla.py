@@ -42,6 +42,25 @@ def spelled_apart(x: jax.Array, k: jax.Array) -> jax.Array:
     Use it for the second of two consumers of `x - k` (see the module docstring),
     where the sign is squared away or folded into a per-feature factor.
     (`x + (-k)` would also stay apart, but its `-k` is a small kernel of its
-    own on XLA's CPU backend.)
+    own on XLA's CPU backend.) `k` passes an optimization barrier first, so
+    that its broadcast to x's shape is not the one the plain `x - k` makes:
+    one shared broadcast is written out in full for the reductions that
+    read it.
     """
-    return k - x
+    return lax.optimization_barrier(k) - x
+
+
+def broadcast_like(v: jax.Array, x: jax.Array) -> jax.Array:
+    """`v` broadcast to x's shape, sharded like `x` when x's type says how (Explicit mesh axes).
+
+    A plain broadcast of a replicated per-feature vector is typed replicated;
+    behind an optimization barrier nothing reshards it, and the transpose of
+    its use then all-gathers the whole cotangent. Broadcast straight into x's
+    sharding, each device makes only its part, and the transpose is a
+    reduction (one small all-reduce).
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(s is None for s in spec):
+        return jnp.broadcast_to(v, x.shape)
+    return jnp.broadcast_to(v, x.shape, out_sharding=sharding)

@@ -109,3 +109,18 @@ def test_plot_needs_nothing_but_the_report(saved, tmp_path):
     pytest.importorskip("matplotlib")
     plot.plot_model(saved, str(tmp_path / "m.png"))
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_compile_only_costs():
+    """`model.costs` (the figures' deterministic whole-step table): in-context differences and ratios, no timing."""
+    case = model.parse_configs(TINY)[0]
+    rows = model.costs([case], ["1dev"], ["float32"], ["flax", "jaxbn.linen"])
+    by = {r["impl"]: r for r in rows}
+    assert set(by) == {"flax", "jaxbn.linen", "identity"} and by["identity"]["bn"] is None
+    for impl in ("flax", "jaxbn.linen"):
+        r, bn = by[impl], by[impl]["bn"]
+        assert bn["kernels"] == r["kernels"] - by["identity"]["kernels"] > 0
+        assert bn["bytes_common"] <= bn["bytes_accessed"] + 1e-6
+        assert "median_ms" not in r
+    assert by["flax"]["bn"]["bytes_accessed_vs_flax"] == 1.0
+    assert by["jaxbn.linen"]["bn"]["kernels_vs_flax"] == by["jaxbn.linen"]["bn"]["kernels"] / by["flax"]["bn"]["kernels"]
