@@ -130,6 +130,7 @@ def run(
             [QUICK_MODEL_CASE] if quick else list(model.COST_GRID),
             ["1dev", "pmap"] if quick else list(grid.PLACEMENTS),
             ["float32"] if quick else list(grid.DTYPES),
+            ["flax", "jaxbn.linen"],
         )
     out["meta"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return out

@@ -360,8 +360,9 @@ def costs(
                     r["bn"] = bn
                 rows += group.values()
     if away:
+        configs = ",".join(f"{c.arch}:{c.batch}:{c.image}:{c.width}" for c in cases)
         args = ["model", "--compile-only", "--placements", ",".join(away), "--dtypes", ",".join(dtypes),
-                "--impls", ",".join(impls), "--configs", ",".join(f"{c.arch}:{c.batch}:{c.image}:{c.width}" for c in cases)]  # fmt: skip
+                "--impls", ",".join(impls), "--configs", configs]  # fmt: skip
         rows += in_subprocess(args, DEVICES, timeout=3600)  # type: ignore[arg-type]
     return rows
 

@@ -19,12 +19,16 @@ about the mean just found (now inside the data) replaces the sums. It runs
 only when needed (`lax.cond`), so the one-pass speed stays for every batch
 whose pilot was good.
 
-Across devices (`axis_name`), strategy "auto" = "psum" (`shifted_global_moments`):
+Across devices (`axis_name`), strategy "auto" = "psum" (`shifted_moments`):
 every device sums about the same shift (the running mean passed in, 0 in
 `moments`), so the sums add up and the forward combination is ONE all-reduce;
 a check on the reduced values (identical on every device) runs a second pass
 about the mean when the bound above fails, or Chan's combination of the
-per-device moments when the shift was not the same on every device.
+per-device moments when the shift was not the same on every device. Without
+`axis_name` the same shifted sums serve a batch whose type says it is
+sharded along a reduced axis (`jax.jit` over a mesh with Explicit axes) and
+`strategy="psum"`: the pilot would cost XLA's partitioner an all-reduce of
+its own there. Otherwise one device keeps the pilot, which needs no branch.
 Strategy "gather" all-gathers the per-device triples `(n_i, mean_i, M2_i)`
 and combines them with Chan et al.'s parallel formula (`chan_combine`)::
 
@@ -303,7 +307,7 @@ def _all_gather(packed: jax.Array, axis_name: AxisName, axis_index_groups: AxisI
 _LIMB = 4096
 
 
-def _fold(v: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array], neutral: object) -> jax.Array:
+def _fold(v: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array], neutral: jax.typing.ArrayLike) -> jax.Array:
     """`op`-reduction of the 1-D `v` to a scalar by slices and `op`, eight at a time: no reduce instruction.
 
     A reduce of a small vector is a kernel of its own (two on XLA's CPU
@@ -540,8 +544,9 @@ def moments_keepdims(
     """(count, mean, biased var) with reduced axes kept as size 1. Inputs pre-validated.
 
     `shift` (keepdims, e.g. the running mean) is the value every device sums
-    about under `axis_name` with strategy "auto"/"psum" (`shifted_global_moments`);
-    it changes no result, only how often the exact fallback runs.
+    about under `axis_name` with strategy "auto"/"psum" (`shifted_moments`),
+    and without `axis_name` on a batch typed sharded (or with "psum"); it
+    changes no result, only how often the exact fallback runs.
     """
     if strategy not in ("auto", "gather", "psum"):
         raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")
@@ -587,7 +592,10 @@ def moments(
       strategy: cross-device combination: "auto" or "psum" (one
         all-reduce of sums about 0; a second one when the data's mean is
         more than ~32 standard deviations from 0) or "gather" (one
-        all-gather of every device's moments). Same results.
+        all-gather of every device's moments). Same results. Without
+        `axis_name`, "psum" also sums about 0 (one all-reduce, from XLA's
+        partitioner, on a batch sharded under `jax.jit`) where "auto" and
+        "gather" first take a shift from a slice of the batch (no branch).
 
     Returns:
       `Moments(mean, var, count)`, each of the feature shape. `count` is
