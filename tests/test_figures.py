@@ -55,10 +55,11 @@ def test_quoted_figures_match_the_json():
 
 
 def test_every_tag_has_a_renderer_and_every_renderer_a_tag():
-    readme, page = read("README.md"), read("docs/benchmark.md")
+    readme = read("README.md")
+    pages = read("docs/benchmark.md") + read("docs/sync.md")
     assert set(re.findall(r"^\| <!-- fig:([\w-]+) -->", readme, flags=re.M)) == set(render.ROWS)
-    opened = re.findall(r"^<!-- figures:([\w-]+) -->$", page, flags=re.M)
-    closed = re.findall(r"^<!-- /figures:([\w-]+) -->$", page, flags=re.M)
+    opened = re.findall(r"^<!-- figures:([\w-]+) -->$", pages, flags=re.M)
+    closed = re.findall(r"^<!-- /figures:([\w-]+) -->$", pages, flags=re.M)
     assert sorted(opened) == sorted(closed) == sorted(render.BLOCKS)
 
 
