@@ -70,7 +70,7 @@ def _pool(parts: Sequence[Moments], stacked: bool) -> Moments:
         if stacked and jnp.ndim(p.mean) == 0:
             raise ValueError("with stacked=True every Moments needs a leading axis of parts, got scalar leaves")
     if len(feature_shapes) != 1:
-        what = "stacked moments (after the leading axis)" if stacked else "moments"
+        what = "stacked moments (after the first axis)" if stacked else "moments"
         raise ValueError(
             f"combine_moments needs {what} of one feature shape, got {sorted(feature_shapes)}; pool the "
             "moments of one layer at a time"

@@ -1,4 +1,4 @@
-"""Ghost (virtual) batch norm: the leading batch axis split into groups.
+"""Ghost (virtual) batch norm: the first batch axis split into groups.
 
 In training, ``x`` of shape ``(N, ...)`` becomes ``(G, N/G, ...)`` with the
 group axis an extra feature axis, so each group is normalized with its own
@@ -48,7 +48,7 @@ class GhostBatches:
         shape = layout.shape
         if 0 in layout.feature_axes:
             raise ValueError(
-                f"virtual_batch_size splits the leading batch axis of x, but axis 0 is a feature axis "
+                f"virtual_batch_size splits the first batch axis of x, but axis 0 is a feature axis "
                 f"(x has shape {shape}); put the batch first or set virtual_batch_size=None"
             )
         n = shape[0]

@@ -101,9 +101,9 @@ def _count(mask: jax.Array | None, shape: Sequence[int], red: Sequence[int]) -> 
 
 
 def _pilot_slice(shape: tuple[int, ...], red: tuple[int, ...]) -> tuple[slice, ...]:
-    """Where the pilot is: n / p <= 1024 whatever the shape, and spread over the leading reduced axis.
+    """Where the pilot is: n / p <= 1024 whatever the shape, and spread over the first reduced axis.
 
-    With several reduced axes (N, H, W): every entry of the leading one, the
+    With several reduced axes (N, H, W): every entry of the first one, the
     first ceil(size / 1024) of the second, all of the rest. A plain slice:
     XLA reads it in place, and on a batch sharded over N under `jax.jit`
     every shard holds part of it (one small all-reduce, no broadcast of one
@@ -220,7 +220,7 @@ def chan_combine(
     (= sum M2_i + sum n_i |mean_i - mean|^2; e is tiny, so nothing cancels.)
     `total(vs)` sums each array of `vs` over the parts and returns values that
     broadcast against a part: an all-reduce across devices (one collective
-    per call, see `global_moments`), or by default a sum over the leading
+    per call, see `global_moments`), or by default a sum over the first
     axis of stacked parts. It is called twice.
 
     Args:

@@ -95,7 +95,7 @@ class BatchNorm(nn.Module):
       renorm: Batch Renormalization (Ioffe 2017) in training.
       renorm_r_max: the clip of the renorm scale correction r, >= 1.
       renorm_d_max: the clip of the renorm shift correction d, >= 0.
-      virtual_batch_size: ghost batch norm: in training the leading batch axis
+      virtual_batch_size: ghost batch norm: in training the first batch axis
         is split into groups of this size, each normalized with its own
         moments; the running stats take the mean of the groups' moments.
       unbiased: store the unbiased batch variance (var * n / (n - 1)).
