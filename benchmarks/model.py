@@ -158,12 +158,7 @@ def time_group(
             "times_ms": [t * 1e3 for t in times[impl]],
             "compile_s": costs[impl].compile_s,
             "temp_bytes": costs[impl].temp_bytes,
-            "bytes_accessed": costs[impl].bytes_accessed,
-            "bytes_common": costs[impl].bytes_common,
-            "kernels": costs[impl].kernels,
-            "collectives": costs[impl].collectives,
-            "kernels_all": costs[impl].kernels_all,
-            "fallback_collectives": costs[impl].fallback_collectives,
+            **_cost_fields(costs[impl]),
         }
         for impl in impls
     ]
@@ -181,6 +176,27 @@ def run_here(
                 bar.set_postfix_str(f"{case.arch} {placement} {dt}")
                 rows += time_group(case, placement, dt, impls, reps, warmup, bar)
     return rows
+
+
+#: The deterministic costs a compile-only row carries into its in-context ("bn") part.
+_COST_KEYS = ("kernels", "bytes_accessed", "bytes_common")
+
+
+def _cost_fields(cost: hlo.Cost) -> Row:
+    """A row's deterministic cost fields, from the compiled step's `hlo.Cost`."""
+    return {
+        "bytes_accessed": cost.bytes_accessed, "bytes_common": cost.bytes_common, "kernels": cost.kernels,
+        "collectives": cost.collectives, "kernels_all": cost.kernels_all,
+        "fallback_collectives": cost.fallback_collectives,
+    }  # fmt: skip
+
+
+def _in_context(r: Row, ident: Row, ref: Row | None, keys: Sequence[str]) -> Row:
+    """BN's cost in context: `r` minus the identity row for each key, and (given `ref`) `key_vs_flax` ratios."""
+    bn = {k: r[k] - ident[k] for k in keys}
+    if ref is not None:
+        bn |= {f"{k}_vs_flax": _ratio(bn[k], ref[k] - ident[k]) for k in keys}
+    return bn
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -211,10 +227,7 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
                 continue
             r["bn"] = {
                 "ms": float(np.median(np.asarray(r["times_ms"]) - np.asarray(ident["times_ms"]))),
-                "bytes_accessed": r["bytes_accessed"] - ident["bytes_accessed"],
-                "bytes_common": r["bytes_common"] - ident["bytes_common"],
-                "kernels": r["kernels"] - ident["kernels"],
-                "temp_bytes": r["temp_bytes"] - ident["temp_bytes"],
+                **_in_context(r, ident, None, ("bytes_accessed", "bytes_common", "kernels", "temp_bytes")),
             }
         for r in group.values():
             bn, ref_bn = r["bn"], (ref or {}).get("bn")
@@ -342,22 +355,11 @@ def costs(
                 group = {}
                 for impl in impls:
                     cost = compile_step(case, impl, dt, placement)[2]
-                    group[impl] = {
-                        "model": case.label, "placement": placement, "dtype": dt, "impl": impl,
-                        "kernels": cost.kernels, "kernels_all": cost.kernels_all,
-                        "collectives": cost.collectives, "fallback_collectives": cost.fallback_collectives,
-                        "bytes_accessed": cost.bytes_accessed, "bytes_common": cost.bytes_common,
-                    }  # fmt: skip
+                    group[impl] = {"model": case.label, "placement": placement, "dtype": dt, "impl": impl,
+                                   **_cost_fields(cost)}  # fmt: skip
                 ref, ident = group.get(REFERENCE), group["identity"]
                 for r in group.values():
-                    if r["impl"] == "identity":
-                        r["bn"] = None
-                        continue
-                    bn = {k: r[k] - ident[k] for k in ("kernels", "bytes_accessed", "bytes_common")}
-                    if ref is not None:
-                        for k in ("kernels", "bytes_accessed", "bytes_common"):
-                            bn[f"{k}_vs_flax"] = _ratio(bn[k], ref[k] - ident[k])
-                    r["bn"] = bn
+                    r["bn"] = None if r["impl"] == "identity" else _in_context(r, ident, ref, _COST_KEYS)
                 rows += group.values()
     if away:
         configs = ",".join(f"{c.arch}:{c.batch}:{c.image}:{c.width}" for c in cases)

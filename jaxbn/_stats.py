@@ -61,7 +61,7 @@ from jaxbn._checks import (
 )
 from jaxbn._layout import Layout
 from jaxbn._running import Moments, stats_dtype
-from jaxbn._xla import separate_converts, spelled_apart
+from jaxbn._xla import separate_converts, spelled_apart, typed_spec
 
 _PILOT = 8
 _PILOT_DENSITY = 1024
@@ -335,15 +335,11 @@ def _fingerprint(k: jax.Array) -> jax.Array:
 
     `sum_f bits(k_f) * m_f mod 2^32` with odd multipliers `m_f`: arrays that
     differ in one element always differ here, others with chance ~2^-32.
-    Summed by halving (`_fold`), so the hash fuses into the kernel that
-    packs the all-reduce's operand.
+    Summed by slices (`_fold`), so most of the hash fuses into the kernel
+    that packs the all-reduce's operand.
     """
     parts = [k.real, k.imag] if jnp.iscomplexobj(k) else [k]
-    words = []
-    for p in parts:
-        w = lax.bitcast_convert_type(jnp.ravel(p), jnp.uint32)  # float64: two words per value
-        words.append(jnp.ravel(w))
-    bits = jnp.concatenate(words)
+    bits = jnp.concatenate([jnp.ravel(lax.bitcast_convert_type(p, jnp.uint32)) for p in parts])
     i = lax.iota(jnp.uint32, bits.size)
     h = _fold(bits * ((i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)), jnp.add, jnp.uint32(0))
     return ((h >> lax.iota(jnp.uint32, 32)) & jnp.uint32(1)).astype(jnp.float32)
@@ -373,11 +369,8 @@ def _psum_flat(parts: list[jax.Array], axis_name: AxisName, groups: AxisIndexGro
 
 def _typed_sharded(x: jax.Array, red: tuple[int, ...]) -> bool:
     """Whether `x`'s type says it is sharded along a reduced axis (a mesh with Explicit axes)."""
-    try:
-        spec = tuple(jax.typeof(x).sharding.spec)
-    except (AttributeError, TypeError, ValueError):  # no sharding in the type (older JAX, Auto axes)
-        return False
-    return any(a < len(spec) and spec[a] is not None for a in red)
+    spec = typed_spec(x)
+    return spec is not None and any(a < len(spec) and spec[a] is not None for a in red)
 
 
 def _known_shared(x: jax.Array, shift: jax.Array, axis_name: AxisName) -> bool:
@@ -418,8 +411,8 @@ def shifted_moments(
       all-reduce);
     * otherwise (the common case) nothing more.
 
-    The branch (`lax.switch`) returns sums about a center, and the mean and
-    variance are formed after it, inside the kernels that use them.
+    Each branch returns the mean and M2 packed in one array (one kernel);
+    the variance is formed after the branch, in the kernels that use it.
     """
     dt = stats_dtype(x.dtype)
     synced = axis_name is not None

@@ -59,8 +59,17 @@ def broadcast_like(v: jax.Array, x: jax.Array) -> jax.Array:
     sharding, each device makes only its part, and the transpose is a
     reduction (one small all-reduce).
     """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
+    spec = typed_spec(x)
     if spec is None or all(s is None for s in spec):
         return jnp.broadcast_to(v, x.shape)
-    return jnp.broadcast_to(v, x.shape, out_sharding=sharding)
+    return jnp.broadcast_to(v, x.shape, out_sharding=jax.typeof(x).sharding)
+
+
+def typed_spec(x: jax.Array) -> tuple[object, ...] | None:
+    """The PartitionSpec of x's type as a tuple (entries None where unsharded), or None if the type has none.
+
+    Under `jax.jit` over a mesh with Explicit axes the sharding is part of
+    the type; with Auto axes (or an older JAX) every entry is None.
+    """
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return None if spec is None else tuple(spec)
