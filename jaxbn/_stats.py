@@ -265,15 +265,6 @@ def _unpack(parts: Sequence[jax.Array], complex_: bool) -> jax.Array:
     return lax.complex(parts[0], parts[1]) if complex_ else parts[0]
 
 
-def _pack_moments(mean: jax.Array, m2: jax.Array) -> jax.Array:
-    """(mean, M2) as one array: a branch of `lax.switch` then returns it from one kernel."""
-    return jnp.stack([*_pack(mean), m2])
-
-
-def _unpack_moments(packed: jax.Array, complex_: bool) -> tuple[jax.Array, jax.Array]:
-    return _unpack(list(packed[:-1]), complex_), packed[-1]
-
-
 def _is_varying(x: jax.Array, axis_name: AxisName) -> bool:
     """Whether `x` is typed as varying over every name in `axis_name` (shard_map's manual axes)."""
     aval = jax.typeof(x)
@@ -315,15 +306,39 @@ def _fold(v: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array], neutral
     work that XLA fuses into the consumer. `op` must be associative and
     commutative (add modulo 2^32, max); `neutral` pads `v`.
     """
-    while v.shape[0] > 1:
-        width = -(-v.shape[0] // _FOLD)
-        if width * _FOLD != v.shape[0]:
-            v = jnp.concatenate([v, jnp.full((width * _FOLD - v.shape[0],), neutral, v.dtype)])
-        acc = v[:width]
+    return _fold_terms(lambda lo, hi: v[lo:hi], v.shape[0], op, neutral)
+
+
+def _fold_terms(
+    term: Callable[[int, int], jax.Array],
+    size: int,
+    op: Callable[[jax.Array, jax.Array], jax.Array],
+    neutral: jax.typing.ArrayLike,
+) -> jax.Array:
+    """`_fold` of the vector whose entries `lo:hi` are `term(lo, hi)`, computed slice by slice.
+
+    The terms are formed from slices of their inputs, never from a slice of
+    one computed vector: XLA writes out a vector that several slices read
+    (one more kernel), while slices of a kernel's inputs fuse into it.
+    """
+    width = max(1, min(_FOLD, size))
+    acc = None
+    for lo in range(0, size, width):
+        hi = min(lo + width, size)
+        t = term(lo, hi)
+        if hi - lo < width:
+            t = jnp.concatenate([t, jnp.full((width - (hi - lo),), neutral, t.dtype)])
+        acc = t if acc is None else op(acc, t)
+    if acc is None:
+        return jnp.asarray(neutral)
+    while acc.shape[0] > 1:
+        width = -(-acc.shape[0] // _FOLD)
+        if width * _FOLD != acc.shape[0]:
+            acc = jnp.concatenate([acc, jnp.full((width * _FOLD - acc.shape[0],), neutral, acc.dtype)])
+        v, acc = acc, acc[:width]
         for j in range(1, _FOLD):
             acc = op(acc, v[j * width:(j + 1) * width])
-        v = acc
-    return v[0] if v.shape[0] else jnp.asarray(neutral, v.dtype)
+    return acc[0]
 
 
 #: `_fold`'s fan-in: few levels, so that XLA fuses them all into one kernel.
@@ -335,36 +350,19 @@ def _fingerprint(k: jax.Array) -> jax.Array:
 
     `sum_f bits(k_f) * m_f mod 2^32` with odd multipliers `m_f`: arrays that
     differ in one element always differ here, others with chance ~2^-32.
-    Summed by slices (`_fold`), so most of the hash fuses into the kernel
-    that packs the all-reduce's operand.
+    Summed by slices of `k` (`_fold_terms`), so the whole hash fuses into
+    the kernel that packs the all-reduce's operand.
     """
     parts = [k.real, k.imag] if jnp.iscomplexobj(k) else [k]
-    bits = jnp.concatenate([jnp.ravel(lax.bitcast_convert_type(p, jnp.uint32)) for p in parts])
-    i = lax.iota(jnp.uint32, bits.size)
-    h = _fold(bits * ((i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | jnp.uint32(1)), jnp.add, jnp.uint32(0))
+    flat = jnp.concatenate([jnp.ravel(p) for p in parts])
+    i = np.arange(flat.size, dtype=np.uint64)
+    mult = ((i * 0x9E3779B1 + 0x7F4A7C15) % 2**32 | 1).astype(np.uint32)
+
+    def term(lo: int, hi: int) -> jax.Array:
+        return lax.bitcast_convert_type(flat[lo:hi], jnp.uint32) * mult[lo:hi]
+
+    h = _fold_terms(term, flat.size, jnp.add, jnp.uint32(0))
     return ((h >> lax.iota(jnp.uint32, 32)) & jnp.uint32(1)).astype(jnp.float32)
-
-
-def _psum_flat(parts: list[jax.Array], axis_name: AxisName, groups: AxisIndexGroups) -> Callable[[], list[jax.Array]]:
-    """Sums every array of `parts` (real, any shapes) over the devices in ONE all-reduce.
-
-    Returns a function that slices the sums out of the reduced buffer: call
-    it where they are used (in each branch of a `lax.switch`, too), so the
-    slices fuse into those kernels instead of being copied out first.
-    """
-    dt = np.result_type(*(p.dtype for p in parts))  # float64 sums next to float32 counts under jax x64
-    flat = jnp.concatenate([jnp.ravel(p).astype(dt) for p in parts])
-    total = lax.psum(flat, axis_name, axis_index_groups=groups)
-    shapes = [(p.shape, p.dtype, p.size) for p in parts]
-
-    def split() -> list[jax.Array]:
-        out, start = [], 0
-        for shape, dtype, size in shapes:
-            out.append(jnp.reshape(total[start:start + size], shape).astype(dtype))
-            start += size
-        return out
-
-    return split
 
 
 def _typed_sharded(x: jax.Array, red: tuple[int, ...]) -> bool:
@@ -411,8 +409,10 @@ def shifted_moments(
       all-reduce);
     * otherwise (the common case) nothing more.
 
-    Each branch returns the mean and M2 packed in one array (one kernel);
-    the variance is formed after the branch, in the kernels that use it.
+    The sums cross devices as the operands of one all-reduce (nothing packs
+    them first). The common branch returns them untouched, so on the common
+    path the branch costs only its index and the conditional; the mean and
+    variance are formed after it, in the kernels that use them.
     """
     dt = stats_dtype(x.dtype)
     synced = axis_name is not None
@@ -430,8 +430,13 @@ def shifted_moments(
     cplx = jnp.iscomplexobj(k)
     k_ = 2 if cplx else 1
 
-    def reduced(parts: list[jax.Array]) -> Callable[[], list[jax.Array]]:
-        return _psum_flat(parts, axis_name, axis_index_groups) if synced else lambda: parts
+    def reduced(parts: list[jax.Array]) -> list[jax.Array]:
+        """The sums of `parts` over the devices: ONE all-reduce (of several operands, no packing kernel)."""
+        if not synced:
+            return list(parts)
+        dt_all = np.result_type(*(p.dtype for p in parts))  # one dtype under jax x64 too
+        out = lax.psum(tuple(p.astype(dt_all) for p in parts), axis_name, axis_index_groups=axis_index_groups)
+        return [o.astype(p.dtype) for o, p in zip(out, parts, strict=True)]
 
     s1, s2 = _shifted_sums(x, red, mask, k)
     parts = [*_pack(s1), s2]
@@ -440,66 +445,84 @@ def shifted_moments(
         parts += [(n_local // _LIMB).astype(jnp.float32), (n_local % _LIMB).astype(jnp.float32)]
     if check_shared:
         parts.append(_fingerprint(k))
-    split = reduced(parts)
     rdt = _real(dt)
 
-    def count() -> jax.Array:
-        """N (float32, keepdims): exact, rounded once."""
+    def count(r: Sequence[jax.Array]) -> jax.Array:
+        """N (float32, keepdims) from the reduced values `r`: exact, rounded once."""
         if isinstance(n_local, int):
             return jnp.full((1,) * x.ndim, float(n_local * size), jnp.float32)
         if not synced:
             return n_local.astype(jnp.float32)
-        hi, lo = split()[k_ + 1:k_ + 3]
+        hi, lo = r[k_ + 1:k_ + 3]
         return hi * float(_LIMB) + lo
 
-    def inv_count() -> jax.Array:
+    def inv_count(r: Sequence[jax.Array]) -> jax.Array:
         if isinstance(n_local, int):  # a constant: the mean and variance are multiplies XLA fuses anywhere
             return jnp.asarray(1.0 / max(n_local * size, 1), rdt)
-        return 1.0 / jnp.maximum(count(), 1.0).astype(rdt)
+        return 1.0 / jnp.maximum(count(r), 1.0).astype(rdt)
 
-    def about(center: jax.Array, t1: jax.Array, t2: jax.Array) -> jax.Array:
-        """(mean, M2) from the sums about `center` (M2 = S2 - |S1|^2 / N), packed as one array."""
-        inv_n = inv_count()
-        return _pack_moments(center + t1 * inv_n.astype(t1.dtype), t2 - _abs_sq(t1) * inv_n)
+    def about(center: jax.Array, t1: jax.Array, t2: jax.Array, inv_n: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(mean, M2) from the sums about `center`: M2 = S2 - |S1|^2 / N."""
+        return center + t1 * inv_n.astype(t1.dtype), t2 - _abs_sq(t1) * inv_n
 
-    def keep() -> jax.Array:
-        t = split()
-        return about(k, _unpack(t[:k_], cplx), t[k_])
+    # Each branch maps the reduced values to values of the same form: the kept sums
+    # about K as they are (no kernel at all), or else (mean, -M2) in the place of (S1, S2).
+    # The sign bit tells them apart (S2 >= 0; -M2 is -0.0 or below), so nothing after
+    # the branch reads the index: XLA would re-compute it there from t, whose buffers r reuses.
+    def _flagged(m2: jax.Array) -> jax.Array:
+        return -jnp.maximum(m2, 0.0)
 
-    def recentre() -> jax.Array:
-        g = lax.stop_gradient(_unpack_moments(keep(), cplx)[0])
+    def keep(*r: jax.Array) -> tuple[jax.Array, ...]:
+        return r
+
+    def recentre(*r: jax.Array) -> tuple[jax.Array, ...]:
+        inv_n = inv_count(r)
+        g = lax.stop_gradient(about(k, _unpack(r[:k_], cplx), r[k_], inv_n)[0])
         t1, t2 = _shifted_sums(x, red, mask, g)
-        u = reduced([*_pack(t1), t2])()
-        return about(g, _unpack(u[:k_], cplx), u[k_])
+        u = reduced([*_pack(t1), t2])
+        mean, m2 = about(g, _unpack(u[:k_], cplx), u[k_], inv_n)
+        return (*_pack(mean), _flagged(m2), *r[k_ + 1:])
 
-    def chan() -> jax.Array:
+    def chan(*r: jax.Array) -> tuple[jax.Array, ...]:
         n_i, mean_i, lo_i, m2_i = local_moments(x, red, mask)
 
         def psum_packed(vs: list[jax.Array]) -> list[jax.Array]:
             return list(lax.psum(jnp.stack(vs), axis_name, axis_index_groups=axis_index_groups))
 
         _, gmean, gm2 = chan_combine(n_i, mean_i, m2_i, psum_packed, mean_lo=lo_i)
-        return _pack_moments(gmean, gm2)
+        return (*_pack(gmean.astype(dt)), _flagged(gm2.astype(rdt)), *r[k_ + 1:])
 
     # The branch to take, from reduced values only (the same on every device): 1 where the
     # cancellation bound fails for some feature, 2 where the shift differed. Sums about K:
     # S2 = M2 + N |mean - K|^2, and M2 = S2 - |S1|^2 / N loses about 2^-24 * S2 to
-    # cancellation, so the bound S2 <= C * M2 keeps it within C * 2^-24. One code per
-    # feature (the fingerprint's bits tiled over the features), folded by slices (`_fold`).
-    t = split()
-    m2 = _unpack_moments(keep(), cplx)[1]
-    codes = jnp.ravel(_CANCELLATION * m2 < t[k_]).astype(jnp.int32)
+    # cancellation, so the bound S2 <= C * M2 keeps it within C * 2^-24. Codes per feature
+    # (and per fingerprint bit), folded from slices of the reduced values (`_fold_terms`).
+    t = reduced(parts)
+    flat = [jnp.ravel(jnp.broadcast_to(v, kshape)) for v in t[:k_ + 1]]
+    inv_flat = jnp.ravel(jnp.broadcast_to(inv_count(t), kshape))
+
+    def cancelled(lo: int, hi: int) -> jax.Array:
+        t1, t2 = _unpack([v[lo:hi] for v in flat[:k_]], cplx), flat[k_][lo:hi]
+        return (_CANCELLATION * (t2 - _abs_sq(t1) * inv_flat[lo:hi]) < t2).astype(jnp.int32)
+
+    index = _fold_terms(cancelled, flat[k_].size, jnp.maximum, 0)
     branches = [keep, recentre]
     if check_shared:
         bits = t[-1]
-        differ = jnp.where(bits * (size - bits) > 0, 2, 0).astype(jnp.int32)
-        width = -(-max(codes.size, differ.size) // differ.size) * differ.size
-        codes = jnp.maximum(jnp.pad(codes, (0, width - codes.size)), jnp.tile(differ, width // differ.size))
+
+        def differ(lo: int, hi: int) -> jax.Array:
+            return jnp.where(bits[lo:hi] * (size - bits[lo:hi]) > 0, 2, 0).astype(jnp.int32)
+
+        index = jnp.maximum(index, _fold_terms(differ, bits.size, jnp.maximum, 0))
         branches.append(chan)
-    index = _fold(codes, jnp.maximum, 0)
-    mean, m2 = _unpack_moments(lax.switch(index, branches), cplx)
-    big_n = count()
-    var = jnp.maximum(m2, 0.0) * inv_count()
+    r = lax.switch(index, branches, *t)
+    inv_n = inv_count(r)
+    a, b = _unpack(r[:k_], cplx), r[k_]
+    kept = ~jnp.signbit(b)
+    mean_k, m2_k = about(k, a, b, inv_n)
+    mean, m2 = jnp.where(kept, mean_k, a), jnp.where(kept, m2_k, -b)
+    big_n = count(r)
+    var = jnp.maximum(m2, 0.0) * inv_n
     if not isinstance(n_local, int):
         mean = jnp.where(big_n > 0, mean, jnp.zeros((), dt))
     return jnp.broadcast_to(big_n, var.shape), mean, var

@@ -268,3 +268,40 @@ def test_fold_is_the_reduction(size):
     want = int(bits.sum() % 2**32)
     got = jax.jit(lambda a: _fold(a, jnp.add, jnp.uint32(0)))(bits.astype(np.uint32))
     assert int(got) == want
+
+
+@pytest.mark.parametrize("size", [1, 5, 8, 9, 64, 100, 2048])
+def test_fold_terms_reads_slices_of_its_inputs(size):
+    """`_fold_terms`: the terms of each slice formed from slices of several inputs, then reduced."""
+    from jaxbn._stats import _fold_terms
+
+    rng = np.random.default_rng(size)
+    a = rng.normal(size=size).astype(np.float32)
+    b = rng.normal(size=size).astype(np.float32)
+
+    def index(a, b):
+        return _fold_terms(lambda lo, hi: (a[lo:hi] * b[lo:hi] > 0.5).astype(jnp.int32) * 3, size, jnp.maximum, 0)
+
+    want = 3 if np.any(a.astype(np.float64) * b > 0.5) else 0
+    assert int(jax.jit(index)(a, b)) == want
+    # the largest term alone decides it, wherever it is
+    for where in {0, size // 2, size - 1}:
+        a2, b2 = np.zeros(size, np.float32), np.zeros(size, np.float32)
+        a2[where] = b2[where] = 1.0
+        assert int(jax.jit(index)(a2, b2)) == 3
+
+
+@pytest.mark.parametrize("size", [1, 3, 64, 257])
+def test_fingerprint_is_the_documented_hash(size):
+    """sum_f bits(k_f) * (f * 0x9E3779B1 + 0x7F4A7C15 | 1) mod 2^32, as 32 bits, lowest first."""
+    from jaxbn._stats import _fingerprint
+
+    k = np.random.default_rng(size).normal(size=(1, size)).astype(np.float32)
+    bits = k.ravel().view(np.uint32).astype(np.uint64)
+    f = np.arange(size, dtype=np.uint64)
+    h = int((bits * (((f * 0x9E3779B1 + 0x7F4A7C15) % 2**32) | 1)).sum() % 2**32)
+    want = [(h >> i) & 1 for i in range(32)]
+    assert jax.jit(_fingerprint)(k).tolist() == want
+    k2 = k.copy()
+    k2.flat[size // 2] = np.nextafter(k2.flat[size // 2], np.float32(np.inf))
+    assert jax.jit(_fingerprint)(k2).tolist() != want  # one ulp anywhere changes it
