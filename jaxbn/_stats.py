@@ -26,9 +26,10 @@ a check on the reduced values (identical on every device) runs a second pass
 about the mean when the bound above fails, or Chan's combination of the
 per-device moments when the shift was not the same on every device. Without
 `axis_name` the same shifted sums serve a batch whose type says it is
-sharded along a reduced axis (`jax.jit` over a mesh with Explicit axes) and
-`strategy="psum"`: the pilot would cost XLA's partitioner an all-reduce of
-its own there. Otherwise one device keeps the pilot, which needs no branch.
+sharded along a reduced axis (`jax.jit` over a mesh with Explicit axes),
+any batch under `jax.set_mesh` of a mesh with Auto axes (whose types say
+nothing), and `strategy="psum"`: the pilot would cost XLA's partitioner an
+all-reduce of its own there. Otherwise one device keeps the pilot, which needs no branch.
 Strategy "gather" all-gathers the per-device triples `(n_i, mean_i, M2_i)`
 and combines them with Chan et al.'s parallel formula (`chan_combine`)::
 
@@ -371,6 +372,21 @@ def _typed_sharded(x: jax.Array, red: tuple[int, ...]) -> bool:
     return spec is not None and any(a < len(spec) and spec[a] is not None for a in red)
 
 
+def _context_mesh_shards() -> bool:
+    """Whether `jax.set_mesh` put a mesh with an Auto axis of size > 1 in context.
+
+    Under `jax.jit` over such a mesh a batch's type says nothing of how it is
+    sharded: the partitioner may split it across devices, and then a shift
+    taken from a slice of the batch would cost an all-reduce of its own.
+    """
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = None if get is None else get()
+    if mesh is None or mesh.empty:
+        return False
+    auto = jax.sharding.AxisType.Auto
+    return any(n > 1 and t == auto for n, t in zip(mesh.axis_sizes, mesh.axis_types, strict=True))
+
+
 def _known_shared(x: jax.Array, shift: jax.Array, axis_name: AxisName) -> bool:
     """Whether `shift` is typed replicated over `axis_name` (shard_map's manual axes, x typed varying)."""
     if not _is_varying(x, axis_name):
@@ -568,9 +584,12 @@ def moments_keepdims(
         raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")
     if axis_name is not None and strategy != "gather":
         return shifted_moments(x, red, mask, axis_name, axis_index_groups, shift)
-    if axis_name is None and (strategy == "psum" or (shift is not None and _typed_sharded(x, red))):
-        # A batch sharded under jax.jit: the partitioner all-reduces every reduction over a sharded
-        # axis, the pilot's too. Sums about the shared shift need one all-reduce (and a branch).
+    if axis_name is None and (
+        strategy == "psum" or (shift is not None and (_typed_sharded(x, red) or _context_mesh_shards()))
+    ):
+        # A batch sharded under jax.jit (by its type, or maybe: a mesh with Auto axes in context): the
+        # partitioner all-reduces every reduction over a sharded axis, the pilot's too. Sums about the
+        # shared shift need one all-reduce (and a branch).
         return shifted_moments(x, red, mask, None, None, shift)
     else:
         n, mean, mean_lo, m2 = local_moments(x, red, mask)

@@ -212,6 +212,50 @@ def test_jit_on_a_sharded_batch_gives_the_whole_batch_statistics(mask, running_m
     np.testing.assert_allclose(new.var, var, rtol=1e-4, atol=1e-6)
 
 
+def _auto_mesh_step(running_mean, mask=None):
+    """`_explicit_jit_step` on a mesh with Auto axes: the batch's type says nothing of its sharding."""
+    mesh = jax.make_mesh((D,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, valid = _batch(offset=3.0, seed=5)
+    xs = jax.device_put(jnp.asarray(x.reshape(D * B, C)), NamedSharding(mesh, P("data")))
+    ms = None if mask is None else jax.device_put(valid.reshape(D * B, 1), NamedSharding(mesh, P("data")))
+
+    def step(x, m, rm):
+        def loss(x):
+            stats = jaxbn.RunningStats(rm, jnp.ones(C), jnp.zeros((), jnp.int32))
+            y, new = jaxbn.batch_norm(x, stats, training=True, momentum=0.0, mask=m)
+            return jnp.sum(y * x), new
+
+        return jax.grad(loss, has_aux=True)(x)
+
+    return mesh, step, (xs, ms, jnp.asarray(running_mean, jnp.float32)), x, valid
+
+
+def test_auto_mesh_in_context_takes_flax_collective_budget():
+    """jit under jax.set_mesh of an Auto mesh: two all-reduces per layer, as on Explicit axes;
+    with no mesh in context the shift from a slice of the batch costs the third."""
+    mesh, step, args, _, _ = _auto_mesh_step(np.zeros(C))
+    with jax.set_mesh(mesh):
+        inside = hlo.count_collectives(step, *args, where="outside")
+    outside = hlo.count_collectives(step, *args, where="outside")
+    assert inside == {**dict.fromkeys(hlo.KINDS, 0), "all-reduce": 2}
+    assert outside == {**dict.fromkeys(hlo.KINDS, 0), "all-reduce": 3}
+
+
+@pytest.mark.parametrize("mask", [None, "uneven"])
+@pytest.mark.parametrize("running_mean", [3.0, -5e4], ids=["near", "far: recentred"])
+def test_auto_mesh_in_context_gives_the_whole_batch_statistics(mask, running_mean):
+    mesh, step, args, x, valid = _auto_mesh_step(np.full(C, running_mean), mask)
+    with jax.set_mesh(mesh):
+        grad, new = jax.jit(step)(*args)
+    m = None if mask is None else valid.reshape(-1, 1)
+    mean, var, _ = ref.moments(x.reshape(-1, C), mask=m)
+    np.testing.assert_allclose(new.mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.var, var, rtol=1e-4, atol=1e-6)
+    # the same gradient as the one-device step on the whole batch
+    want, _ = jax.jit(step)(jnp.asarray(x.reshape(-1, C)), None if mask is None else valid.reshape(-1, 1), args[2])
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e5])
 def test_psum_strategy_without_axis_name_sums_about_zero(offset):
     """strategy="psum" with no axis_name: sums about 0 (one all-reduce under jit on a sharded batch),
