@@ -351,11 +351,13 @@ def _fingerprint(k: jax.Array) -> jax.Array:
 
     `sum_f bits(k_f) * m_f mod 2^32` with odd multipliers `m_f`: arrays that
     differ in one element always differ here, others with chance ~2^-32.
-    Summed by slices of `k` (`_fold_terms`), so the whole hash fuses into
-    the kernel that packs the all-reduce's operand.
+    Summed by slices of `k` (`_fold_terms`), so the whole hash is one small
+    kernel. A float64 `k` (jax x64) hashes its two 32-bit words per element.
     """
     parts = [k.real, k.imag] if jnp.iscomplexobj(k) else [k]
     flat = jnp.concatenate([jnp.ravel(p) for p in parts])
+    if flat.dtype.itemsize != 4:  # 32-bit words first: a 64-bit bitcast adds an axis
+        flat = jnp.ravel(lax.bitcast_convert_type(flat, jnp.uint32))
     i = np.arange(flat.size, dtype=np.uint64)
     mult = ((i * 0x9E3779B1 + 0x7F4A7C15) % 2**32 | 1).astype(np.uint32)
 

@@ -305,3 +305,18 @@ def test_fingerprint_is_the_documented_hash(size):
     k2 = k.copy()
     k2.flat[size // 2] = np.nextafter(k2.flat[size // 2], np.float32(np.inf))
     assert jax.jit(_fingerprint)(k2).tolist() != want  # one ulp anywhere changes it
+
+
+def test_fingerprint_of_float64_hashes_both_words():
+    """Under jax x64 a float64 shift hashes its two 32-bit words per element (as the bit pattern's words)."""
+    from jaxbn._stats import _fingerprint
+
+    with jax.enable_x64(True):
+        k = np.random.default_rng(7).normal(size=(1, 5))
+        words = k.ravel().view(np.uint32).astype(np.uint64)
+        f = np.arange(words.size, dtype=np.uint64)
+        h = int((words * (((f * 0x9E3779B1 + 0x7F4A7C15) % 2**32) | 1)).sum() % 2**32)
+        assert jax.jit(_fingerprint)(jnp.asarray(k)).tolist() == [(h >> i) & 1 for i in range(32)]
+        k2 = k.copy()
+        k2[0, 3] = np.nextafter(k2[0, 3], np.inf)  # changes only the low word
+        assert jax.jit(_fingerprint)(jnp.asarray(k2)).tolist() != jax.jit(_fingerprint)(jnp.asarray(k)).tolist()
