@@ -29,7 +29,8 @@ per-device moments when the shift was not the same on every device. Without
 sharded along a reduced axis (`jax.jit` over a mesh with Explicit axes),
 any batch under `jax.set_mesh` of a mesh with Auto axes (whose types say
 nothing), and `strategy="psum"`: the pilot would cost XLA's partitioner an
-all-reduce of its own there. Otherwise one device keeps the pilot, which needs no branch.
+all-reduce of its own there. Otherwise one device keeps the pilot, which
+needs no branch.
 Strategy "gather" all-gathers the per-device triples `(n_i, mean_i, M2_i)`
 and combines them with Chan et al.'s parallel formula (`chan_combine`)::
 
@@ -299,28 +300,21 @@ def _all_gather(packed: jax.Array, axis_name: AxisName, axis_index_groups: AxisI
 _LIMB = 4096
 
 
-def _fold(v: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array], neutral: jax.typing.ArrayLike) -> jax.Array:
-    """`op`-reduction of the 1-D `v` to a scalar by slices and `op`, eight at a time: no reduce instruction.
-
-    A reduce of a small vector is a kernel of its own (two on XLA's CPU
-    backend, which splits it into a tree); slices combined elementwise are
-    work that XLA fuses into the consumer. `op` must be associative and
-    commutative (add modulo 2^32, max); `neutral` pads `v`.
-    """
-    return _fold_terms(lambda lo, hi: v[lo:hi], v.shape[0], op, neutral)
-
-
-def _fold_terms(
+def _fold(
     term: Callable[[int, int], jax.Array],
     size: int,
     op: Callable[[jax.Array, jax.Array], jax.Array],
     neutral: jax.typing.ArrayLike,
 ) -> jax.Array:
-    """`_fold` of the vector whose entries `lo:hi` are `term(lo, hi)`, computed slice by slice.
+    """`op`-reduction to a scalar of the vector whose entries `lo:hi` are `term(lo, hi)`: no reduce instruction.
 
-    The terms are formed from slices of their inputs, never from a slice of
-    one computed vector: XLA writes out a vector that several slices read
-    (one more kernel), while slices of a kernel's inputs fuse into it.
+    A reduce of a small vector is a kernel of its own (two on XLA's CPU
+    backend, which splits it into a tree); slices combined elementwise are
+    work that XLA fuses into one kernel. The terms are formed from slices of
+    their inputs, eight entries at a time, never sliced out of one computed
+    vector: XLA writes out a vector that several slices read (one more
+    kernel). `op` must be associative and commutative (add modulo 2^32,
+    max); `neutral` pads the last slice.
     """
     width = max(1, min(_FOLD, size))
     acc = None
@@ -351,7 +345,7 @@ def _fingerprint(k: jax.Array) -> jax.Array:
 
     `sum_f bits(k_f) * m_f mod 2^32` with odd multipliers `m_f`: arrays that
     differ in one element always differ here, others with chance ~2^-32.
-    Summed by slices of `k` (`_fold_terms`), so the whole hash is one small
+    Summed by slices of `k` (`_fold`), so the whole hash is one small
     kernel. A float64 `k` (jax x64) hashes its two 32-bit words per element.
     """
     parts = [k.real, k.imag] if jnp.iscomplexobj(k) else [k]
@@ -364,7 +358,7 @@ def _fingerprint(k: jax.Array) -> jax.Array:
     def term(lo: int, hi: int) -> jax.Array:
         return lax.bitcast_convert_type(flat[lo:hi], jnp.uint32) * mult[lo:hi]
 
-    h = _fold_terms(term, flat.size, jnp.add, jnp.uint32(0))
+    h = _fold(term, flat.size, jnp.add, jnp.uint32(0))
     return ((h >> lax.iota(jnp.uint32, 32)) & jnp.uint32(1)).astype(jnp.float32)
 
 
@@ -381,9 +375,8 @@ def _context_mesh_shards() -> bool:
     sharded: the partitioner may split it across devices, and then a shift
     taken from a slice of the batch would cost an all-reduce of its own.
     """
-    get = getattr(jax.sharding, "get_abstract_mesh", None)
-    mesh = None if get is None else get()
-    if mesh is None or mesh.empty:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return False
     auto = jax.sharding.AxisType.Auto
     return any(n > 1 and t == auto for n, t in zip(mesh.axis_sizes, mesh.axis_types, strict=True))
@@ -514,7 +507,7 @@ def shifted_moments(
     # cancellation bound fails for some feature, 2 where the shift differed. Sums about K:
     # S2 = M2 + N |mean - K|^2, and M2 = S2 - |S1|^2 / N loses about 2^-24 * S2 to
     # cancellation, so the bound S2 <= C * M2 keeps it within C * 2^-24. Codes per feature
-    # (and per fingerprint bit), folded from slices of the reduced values (`_fold_terms`).
+    # (and per fingerprint bit), folded from slices of the reduced values (`_fold`).
     t = reduced(parts)
     flat = [jnp.ravel(jnp.broadcast_to(v, kshape)) for v in t[:k_ + 1]]
     inv_flat = jnp.ravel(jnp.broadcast_to(inv_count(t), kshape))
@@ -523,7 +516,7 @@ def shifted_moments(
         t1, t2 = _unpack([v[lo:hi] for v in flat[:k_]], cplx), flat[k_][lo:hi]
         return (_CANCELLATION * (t2 - _abs_sq(t1) * inv_flat[lo:hi]) < t2).astype(jnp.int32)
 
-    index = _fold_terms(cancelled, flat[k_].size, jnp.maximum, 0)
+    index = _fold(cancelled, flat[k_].size, jnp.maximum, 0)
     branches = [keep, recentre]
     if check_shared:
         bits = t[-1]
@@ -531,7 +524,7 @@ def shifted_moments(
         def differ(lo: int, hi: int) -> jax.Array:
             return jnp.where(bits[lo:hi] * (size - bits[lo:hi]) > 0, 2, 0).astype(jnp.int32)
 
-        index = jnp.maximum(index, _fold_terms(differ, bits.size, jnp.maximum, 0))
+        index = jnp.maximum(index, _fold(differ, bits.size, jnp.maximum, 0))
         branches.append(chan)
     r = lax.switch(index, branches, *t)
     inv_n = inv_count(r)

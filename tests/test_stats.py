@@ -261,26 +261,29 @@ def test_fold_is_the_reduction(size):
     """The slice-and-combine reduction the fallback predicate and the shift fingerprint use."""
     from jaxbn._stats import _fold
 
+    def fold(v, op, neutral):
+        return _fold(lambda lo, hi: v[lo:hi], v.shape[0], op, neutral)
+
     rng = np.random.default_rng(size)
     v = rng.normal(size=size).astype(np.float32)
-    assert float(jax.jit(lambda a: _fold(a, jnp.maximum, -np.inf))(v)) == v.max()
+    assert float(jax.jit(lambda a: fold(a, jnp.maximum, -np.inf))(v)) == v.max()
     bits = rng.integers(0, 2**32, size=size, dtype=np.uint64)
     want = int(bits.sum() % 2**32)
-    got = jax.jit(lambda a: _fold(a, jnp.add, jnp.uint32(0)))(bits.astype(np.uint32))
+    got = jax.jit(lambda a: fold(a, jnp.add, jnp.uint32(0)))(bits.astype(np.uint32))
     assert int(got) == want
 
 
 @pytest.mark.parametrize("size", [1, 5, 8, 9, 64, 100, 2048])
-def test_fold_terms_reads_slices_of_its_inputs(size):
-    """`_fold_terms`: the terms of each slice formed from slices of several inputs, then reduced."""
-    from jaxbn._stats import _fold_terms
+def test_fold_reads_slices_of_its_inputs(size):
+    """`_fold`: the terms of each slice formed from slices of several inputs, then reduced."""
+    from jaxbn._stats import _fold
 
     rng = np.random.default_rng(size)
     a = rng.normal(size=size).astype(np.float32)
     b = rng.normal(size=size).astype(np.float32)
 
     def index(a, b):
-        return _fold_terms(lambda lo, hi: (a[lo:hi] * b[lo:hi] > 0.5).astype(jnp.int32) * 3, size, jnp.maximum, 0)
+        return _fold(lambda lo, hi: (a[lo:hi] * b[lo:hi] > 0.5).astype(jnp.int32) * 3, size, jnp.maximum, 0)
 
     want = 3 if np.any(a.astype(np.float64) * b > 0.5) else 0
     assert int(jax.jit(index)(a, b)) == want
@@ -291,16 +294,21 @@ def test_fold_terms_reads_slices_of_its_inputs(size):
         assert int(jax.jit(index)(a2, b2)) == 3
 
 
+def _documented_hash_bits(k):
+    """The fingerprint from its definition, in numpy: sum_w word_w * (w * 0x9E3779B1 + 0x7F4A7C15 | 1)
+    mod 2^32 over the 32-bit words of k's bit pattern, as 32 bits, lowest first."""
+    words = np.ascontiguousarray(k).ravel().view(np.uint32).astype(np.uint64)
+    w = np.arange(words.size, dtype=np.uint64)
+    h = int((words * (((w * 0x9E3779B1 + 0x7F4A7C15) % 2**32) | 1)).sum() % 2**32)
+    return [(h >> i) & 1 for i in range(32)]
+
+
 @pytest.mark.parametrize("size", [1, 3, 64, 257])
 def test_fingerprint_is_the_documented_hash(size):
-    """sum_f bits(k_f) * (f * 0x9E3779B1 + 0x7F4A7C15 | 1) mod 2^32, as 32 bits, lowest first."""
     from jaxbn._stats import _fingerprint
 
     k = np.random.default_rng(size).normal(size=(1, size)).astype(np.float32)
-    bits = k.ravel().view(np.uint32).astype(np.uint64)
-    f = np.arange(size, dtype=np.uint64)
-    h = int((bits * (((f * 0x9E3779B1 + 0x7F4A7C15) % 2**32) | 1)).sum() % 2**32)
-    want = [(h >> i) & 1 for i in range(32)]
+    want = _documented_hash_bits(k)
     assert jax.jit(_fingerprint)(k).tolist() == want
     k2 = k.copy()
     k2.flat[size // 2] = np.nextafter(k2.flat[size // 2], np.float32(np.inf))
@@ -308,15 +316,12 @@ def test_fingerprint_is_the_documented_hash(size):
 
 
 def test_fingerprint_of_float64_hashes_both_words():
-    """Under jax x64 a float64 shift hashes its two 32-bit words per element (as the bit pattern's words)."""
+    """Under jax x64 a float64 shift hashes its two 32-bit words per element."""
     from jaxbn._stats import _fingerprint
 
     with jax.enable_x64(True):
         k = np.random.default_rng(7).normal(size=(1, 5))
-        words = k.ravel().view(np.uint32).astype(np.uint64)
-        f = np.arange(words.size, dtype=np.uint64)
-        h = int((words * (((f * 0x9E3779B1 + 0x7F4A7C15) % 2**32) | 1)).sum() % 2**32)
-        assert jax.jit(_fingerprint)(jnp.asarray(k)).tolist() == [(h >> i) & 1 for i in range(32)]
+        assert jax.jit(_fingerprint)(jnp.asarray(k)).tolist() == _documented_hash_bits(k)
         k2 = k.copy()
         k2[0, 3] = np.nextafter(k2[0, 3], np.inf)  # changes only the low word
         assert jax.jit(_fingerprint)(jnp.asarray(k2)).tolist() != jax.jit(_fingerprint)(jnp.asarray(k)).tolist()

@@ -172,9 +172,12 @@ def test_counts_past_2_24_are_exact_across_devices():
     np.testing.assert_allclose(m.var[:, 0], var, rtol=1e-5)
 
 
-def _explicit_jit_step(dtype, running_mean, mask=None):
-    """A jitted train step (grads of sum(y * x) and the new stats) on a batch sharded over an Explicit mesh axis."""
-    mesh = jax.make_mesh((D,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+def _sharded_jit_step(running_mean, mask=None, dtype="float32", axis_type=jax.sharding.AxisType.Explicit):
+    """A jitted train step (grads of sum(y * x) and the new stats) on a batch sharded over a mesh axis.
+
+    Returns the mesh, the step, its arguments, and the batch and mask as numpy arrays (per device).
+    """
+    mesh = jax.make_mesh((D,), ("data",), axis_types=(axis_type,))
     x, valid = _batch(offset=3.0)
     xs = jax.device_put(jnp.asarray(x.reshape(D * B, C), dtype), NamedSharding(mesh, P("data")))
     ms = None if mask is None else jax.device_put(valid.reshape(D * B, 1), NamedSharding(mesh, P("data")))
@@ -187,7 +190,7 @@ def _explicit_jit_step(dtype, running_mean, mask=None):
 
         return jax.grad(loss, has_aux=True)(x)
 
-    return step, (xs, ms, jnp.asarray(running_mean, jnp.float32)), x, valid
+    return mesh, step, (xs, ms, jnp.asarray(running_mean, jnp.float32)), x, valid
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -195,7 +198,7 @@ def test_jit_on_a_sharded_batch_takes_flax_collective_budget(dtype):
     """Plain jit, batch typed sharded: the running mean is the shift, so the forward is one all-reduce
     (no pilot), the backward one; nothing full-size crosses devices (bfloat16 once all-gathered the
     whole cotangent)."""
-    step, args, _, _ = _explicit_jit_step(dtype, np.zeros(C))
+    _, step, args, _, _ = _sharded_jit_step(np.zeros(C), dtype=dtype)
     every = hlo.count_collectives(step, *args, where="outside")
     assert every == {**dict.fromkeys(hlo.KINDS, 0), "all-reduce": 2}
     assert hlo.count_collectives(step, *args, where="branches") == {**dict.fromkeys(hlo.KINDS, 0), "all-reduce": 1}
@@ -204,7 +207,7 @@ def test_jit_on_a_sharded_batch_takes_flax_collective_budget(dtype):
 @pytest.mark.parametrize("mask", [None, "uneven"])
 @pytest.mark.parametrize("running_mean", [3.0, -5e4], ids=["near", "far: recentred"])
 def test_jit_on_a_sharded_batch_gives_the_whole_batch_statistics(mask, running_mean):
-    step, args, x, valid = _explicit_jit_step("float32", np.full(C, running_mean), mask)
+    _, step, args, x, valid = _sharded_jit_step(np.full(C, running_mean), mask)
     _, new = jax.jit(step)(*args)
     m = None if mask is None else valid.reshape(-1, 1)
     mean, var, _ = ref.moments(x.reshape(-1, C), mask=m)
@@ -212,28 +215,10 @@ def test_jit_on_a_sharded_batch_gives_the_whole_batch_statistics(mask, running_m
     np.testing.assert_allclose(new.var, var, rtol=1e-4, atol=1e-6)
 
 
-def _auto_mesh_step(running_mean, mask=None):
-    """`_explicit_jit_step` on a mesh with Auto axes: the batch's type says nothing of its sharding."""
-    mesh = jax.make_mesh((D,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    x, valid = _batch(offset=3.0, seed=5)
-    xs = jax.device_put(jnp.asarray(x.reshape(D * B, C)), NamedSharding(mesh, P("data")))
-    ms = None if mask is None else jax.device_put(valid.reshape(D * B, 1), NamedSharding(mesh, P("data")))
-
-    def step(x, m, rm):
-        def loss(x):
-            stats = jaxbn.RunningStats(rm, jnp.ones(C), jnp.zeros((), jnp.int32))
-            y, new = jaxbn.batch_norm(x, stats, training=True, momentum=0.0, mask=m)
-            return jnp.sum(y * x), new
-
-        return jax.grad(loss, has_aux=True)(x)
-
-    return mesh, step, (xs, ms, jnp.asarray(running_mean, jnp.float32)), x, valid
-
-
 def test_auto_mesh_in_context_takes_flax_collective_budget():
     """jit under jax.set_mesh of an Auto mesh: two all-reduces per layer, as on Explicit axes;
     with no mesh in context the shift from a slice of the batch costs the third."""
-    mesh, step, args, _, _ = _auto_mesh_step(np.zeros(C))
+    mesh, step, args, _, _ = _sharded_jit_step(np.zeros(C), axis_type=jax.sharding.AxisType.Auto)
     with jax.set_mesh(mesh):
         inside = hlo.count_collectives(step, *args, where="outside")
     outside = hlo.count_collectives(step, *args, where="outside")
@@ -244,7 +229,7 @@ def test_auto_mesh_in_context_takes_flax_collective_budget():
 @pytest.mark.parametrize("mask", [None, "uneven"])
 @pytest.mark.parametrize("running_mean", [3.0, -5e4], ids=["near", "far: recentred"])
 def test_auto_mesh_in_context_gives_the_whole_batch_statistics(mask, running_mean):
-    mesh, step, args, x, valid = _auto_mesh_step(np.full(C, running_mean), mask)
+    mesh, step, args, x, valid = _sharded_jit_step(np.full(C, running_mean), mask, axis_type=jax.sharding.AxisType.Auto)
     with jax.set_mesh(mesh):
         grad, new = jax.jit(step)(*args)
     m = None if mask is None else valid.reshape(-1, 1)
