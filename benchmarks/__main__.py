@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks [layer|model|collectives|figures|render] [options]`` (``--help`` on each).
+"""Command line: ``python -m benchmarks [layer|model|collectives|figures|render|reductions] [options]`` (``--help`` on each).
 
 * ``layer`` (the default when no part is named): one batch-norm layer of each
   library, timed side by side (`benchmarks.layer`);
@@ -9,7 +9,9 @@
 * ``figures``: every figure README.md and docs/benchmark.md quote, measured
   into one JSON file (`benchmarks.figures`);
 * ``render``: README.md's and docs/benchmark.md's tables written from that
-  JSON (`benchmarks.render`).
+  JSON (`benchmarks.render`);
+* ``reductions``: two per-feature sums as two reductions or as one variadic
+  reduction (`benchmarks.reductions`), the layer's memory-traffic floor.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from benchmarks import grid
 
-PARTS = ("layer", "model", "collectives", "figures", "render")
+PARTS = ("layer", "model", "collectives", "figures", "render", "reductions")
 
 
 def _common(p: argparse.ArgumentParser, impls: Sequence[str], default_reps: str) -> None:
@@ -179,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
         collectives_main(rest)
         return None
+    if part == "reductions":
+        from benchmarks.reductions import main as reductions_main
+
+        return reductions_main(rest)
     return layer_main(rest)
 
 

@@ -14,7 +14,9 @@ quote and writes them into one JSON file (default `FIGURES_JSON`):
 * ``claims``: the README comparison table's numerical claims (`benchmarks.claims`);
 * ``costs``: compile-only costs of flax's ImageNet ResNet-18 and ResNet-50
   steps (`benchmarks.model.costs`): kernels, collectives, bytes accessed,
-  BN in context, every placement and dtype.
+  BN in context, every placement and dtype;
+* ``reductions``: two per-feature sums as two reductions or one variadic
+  reduction (`benchmarks.reductions`): kernels, bytes accessed and time.
 
 The file records the commit (and whether the tree had uncommitted changes),
 the date, the machine and device, and the versions of jax, jaxlib, flax,
@@ -41,9 +43,9 @@ from benchmarks import grid
 #: Where the figures are written and read, relative to the repository root.
 FIGURES_JSON = os.path.join("docs", "figures.json")
 #: The parts, in the order they run.
-PARTS = ("claims", "collectives", "layer", "model", "costs")
+PARTS = ("claims", "collectives", "layer", "model", "costs", "reductions")
 #: Timed repetitions of the full run (``--quick``: 2), sized for about 15 minutes on 2 quiet CPU cores.
-LAYER_REPS, MODEL_REPS = 5, 7
+LAYER_REPS, MODEL_REPS, REDUCTION_REPS = 5, 7, 10
 #: The whole-model configuration the README quotes (and ``--quick``'s).
 MODEL_CASE, QUICK_MODEL_CASE = grid.MODEL_GRID[0], grid.QUICK_MODEL_GRID[0]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +133,13 @@ def run(
             ["1dev", "pmap"] if quick else list(grid.PLACEMENTS),
             ["float32"] if quick else list(grid.DTYPES),
             ["flax", "jaxbn.linen"],
+        )
+    if "reductions" in parts:
+        from benchmarks import reductions
+
+        out["reductions"] = reductions.measure(
+            [c for c in grid.parse_cases(None, quick) if c.key in ("nhwc56", "nhwc14")] or grid.parse_cases(None, quick),
+            2 if quick else REDUCTION_REPS,
         )
     out["meta"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return out

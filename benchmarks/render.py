@@ -365,8 +365,25 @@ def block_costs(fig: Figures) -> str:
     return "\n".join(out)
 
 
+def block_reductions(fig: Figures) -> str:
+    """Two per-feature sums: two reductions vs one variadic reduction (kernels, XLA passes over x, time)."""
+    rep = _part(fig, "reductions")
+    out = [
+        f"| shape | way | kernels | XLA passes over x | median ms ({rep['config']['reps']} interleaved rounds) "
+        "| time vs two reductions |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rep["results"]:
+        out.append(
+            f"| {'x'.join(map(str, r['shape']))} | {r['way']} | {r['kernels']} | {r['bytes_passes']:.2f} "
+            f"| {r['median_ms']:.2f} | {_x(r['time_vs_two'])} |"
+        )
+    return "\n".join(out)
+
+
 BLOCKS: dict[str, Callable[[Figures], str]] = {
     "costs": block_costs,
+    "reductions": block_reductions,
     "meta": block_meta,
     "layer": block_layer,
     "model": block_model,

@@ -128,6 +128,8 @@ def format_layer(report: Report) -> str:
     for mode in dict.fromkeys(r["mode"] for r in report["results"]):
         out += ["", f"== {mode}: {MODE_TITLES[mode]} =="]
         head = f"{'shape':<{w0}}" + "".join(f"{n:>24}" for n in names) + f"{'best anchor':>13}"
+        if mode == "train+grad":
+            head += f"{'XLA passes jaxbn/flax':>22}"
         out += [head, "-" * len(head)]
         for case, dt in cases:
             cells = []
@@ -138,7 +140,8 @@ def format_layer(report: Report) -> str:
             jb = index.get((case, dt, mode, "jaxbn"))
             mark = " <" if jb and jb["vs_best_anchor"] is not None and jb["vs_best_anchor"] < 1 / 1.05 else ""
             best = _x(jb["vs_best_anchor"]) if jb else "-"
-            out.append(f"{labels[case] + ' ' + dt:<{w0}}" + "".join(cells) + f"{best + mark:>13}")
+            extra = f"{_bytes_passes(index, case, dt, mode):>20}" if mode == "train+grad" else ""
+            out.append(f"{labels[case] + ' ' + dt:<{w0}}" + "".join(cells) + f"{best + mark:>13}" + extra)
         for dt in summary["geomean_speedup_vs_flax"][mode]:
             out.append(
                 f"{'geomean speedup ' + dt:<{w0}}" + "".join(f"{_spread(report, mode, dt, n):>24}" for n in names)
@@ -189,6 +192,15 @@ def _collectives_lines(coll: Mapping[str, Any] | None, markdown: bool) -> list[s
     return out
 
 
+def _bytes_passes(index: Mapping[tuple[str, str, str, str], Any], case: str, dt: str, mode: str) -> str:
+    """XLA's bytes accessed over x's bytes, "jaxbn / flax" (floor 8 for a two-pass train+grad)."""
+    cells = []
+    for n in ("jaxbn", "flax"):
+        r = index.get((case, dt, mode, n))
+        cells.append("-" if r is None or r.get("bytes_passes") is None else f"{r['bytes_passes']:.2f}")
+    return " / ".join(cells)
+
+
 def markdown_layer(report: Report) -> str:
     """The layer benchmark as Markdown tables (what docs/benchmark.md shows)."""
     names = report["implementations"]
@@ -201,8 +213,12 @@ def markdown_layer(report: Report) -> str:
             "(speedup vs flax); geomean rows: geometric mean of the speedups (25-75% range of the per-round "
             "geomeans).\n"
         )
-        out.append("| shape | dtype | " + " | ".join(names) + " | jaxbn vs best anchor |")
-        out.append("|---|---|" + "---:|" * (len(names) + 1))
+        passes = mode == "train+grad"
+        out.append(
+            "| shape | dtype | " + " | ".join(names) + " | jaxbn vs best anchor |"
+            + (" XLA passes over x: jaxbn / flax |" if passes else "")
+        )
+        out.append("|---|---|" + "---:|" * (len(names) + 1 + passes))
         for case, dt in cases:
             cells = []
             for n in names:
@@ -212,9 +228,13 @@ def markdown_layer(report: Report) -> str:
             best = "-" if jb is None else _x(jb["vs_best_anchor"])
             if jb and jb["vs_best_anchor"] is not None and jb["vs_best_anchor"] < 1 / 1.05:
                 best = f"**{best}**"
-            out.append(f"| {labels[case]} | {dt} | " + " | ".join(cells) + f" | {best} |")
+            extra = f" {_bytes_passes(index, case, dt, mode)} |" if passes else ""
+            out.append(f"| {labels[case]} | {dt} | " + " | ".join(cells) + f" | {best} |" + extra)
         for dt in summary["geomean_speedup_vs_flax"][mode]:
-            out.append(f"| geomean | {dt} | " + " | ".join(_spread(report, mode, dt, n) for n in names) + " | |")
+            out.append(
+                f"| geomean | {dt} | " + " | ".join(_spread(report, mode, dt, n) for n in names) + " | |"
+                + (" |" if passes else "")
+            )
         out.append("")
     dts = list(dict.fromkeys(r["dtype"] for r in report["results"]))
     out += ["**Residuals** kept for the backward pass (batch-sized arrays, multiple of x's bytes):", ""]

@@ -63,6 +63,22 @@ def test_full_size_passes_are_at_least_the_pass_model(saved):
         assert r["full_size_passes"] >= {"train": 2, "train+grad": 5, "infer": 2}[r["mode"]], r
 
 
+def test_xla_passes_column(saved):
+    """train+grad rows carry XLA's bytes accessed in passes over x, shown in the train+grad table as jaxbn / flax."""
+    index = {(r["case"], r["dtype"], r["mode"], r["impl"]): r for r in saved["results"]}
+    md = report.markdown_layer(saved).split("**train+grad**")[1].split("\n\n")[1]
+    assert "XLA passes over x: jaxbn / flax" in md
+    for r in saved["results"]:
+        itemsize = {"float32": 4, "bfloat16": 2}[r["dtype"]]
+        assert math.isclose(r["bytes_passes"], r["bytes_accessed"] / (math.prod(r["shape"]) * itemsize))
+        if r["mode"] == "train+grad":
+            assert r["bytes_passes"] >= 5, r  # read x, write y; read dy and x, write dx
+            flax = index[(r["case"], r["dtype"], r["mode"], "flax")]
+            if r["impl"] == "jaxbn":
+                row = next(line for line in md.splitlines() if f"| {r['dtype']} |" in line)
+                assert row.endswith(f" {r['bytes_passes']:.2f} / {flax['bytes_passes']:.2f} |"), row
+
+
 def test_residuals(saved):
     resid = saved["summary"]["residual_multiple"]
     assert set(resid["jaxbn"]) == {"float32", "bfloat16"}
