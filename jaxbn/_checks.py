@@ -329,3 +329,17 @@ def check_axis_name(axis_name: object) -> None:
         )
     if not isinstance(axis_name, Hashable):
         raise TypeError(f"axis_name must be a name or a tuple of names, got {type(axis_name).__name__} {axis_name!r}")
+
+
+STRATEGIES = ("auto", "gather", "psum")
+
+
+def check_strategy(strategy: object) -> None:
+    """`strategy` must be one of "auto", "gather", "psum" (how synchronized moments cross devices).
+
+    >>> check_strategy("mean")
+    Traceback (most recent call last):
+    ValueError: strategy must be 'auto', 'gather' or 'psum', got 'mean'
+    """
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")

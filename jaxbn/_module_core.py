@@ -28,6 +28,7 @@ from jaxbn._checks import (
     check_input,
     check_momentum,
     check_renorm_clips,
+    check_strategy,
     check_virtual_batch_size,
 )
 from jaxbn._dtypes import output_dtype
@@ -35,6 +36,7 @@ from jaxbn._ghost import GhostBatches
 from jaxbn._layout import Layout
 from jaxbn._norm import _normalize, _Prepared, check_real, train_norm, train_renorm
 from jaxbn._running import RunningStats
+from jaxbn._stats import Strategy
 
 
 def _as_tuple(value: object) -> object:
@@ -68,10 +70,14 @@ class Options:
       renorm_d_max: the clip of renorm's d, >= 0 (checked when `renorm`).
       virtual_batch_size: ghost batch size (see `jaxbn._ghost`), or None.
       unbiased: store the unbiased batch variance.
+      strategy: how synchronized moments cross devices, and whether a
+        batch with no `axis_name` sums about the running mean ("psum"; see
+        `jaxbn.moments`).
 
     Raises:
       TypeError, ValueError: the argument checks of `jaxbn.batch_norm`
-        (momentum, epsilon, renorm clips) and of `virtual_batch_size`.
+        (momentum, epsilon, renorm clips, strategy) and of
+        `virtual_batch_size`.
 
     >>> Options(momentum="0.9")
     Traceback (most recent call last):
@@ -91,6 +97,7 @@ class Options:
     renorm_d_max: float = 5.0
     virtual_batch_size: int | None = None
     unbiased: bool = False
+    strategy: Strategy = "auto"
 
     def __post_init__(self) -> None:
         for name in ("axis", "axis_name", "axis_index_groups"):
@@ -98,6 +105,7 @@ class Options:
         check_momentum(self.momentum)
         check_epsilon(self.epsilon)
         check_virtual_batch_size(self.virtual_batch_size)
+        check_strategy(self.strategy)
         if self.renorm:
             check_renorm_clips(self.renorm_r_max, self.renorm_d_max)
 
@@ -201,5 +209,6 @@ def _train(
     o = options
     if o.renorm:
         return train_renorm(call, o.renorm_r_max, o.renorm_d_max, o.momentum, o.epsilon, axis_name,
-                            o.axis_index_groups, o.unbiased, "auto", out_dtype)
-    return train_norm(call, o.momentum, o.epsilon, axis_name, o.axis_index_groups, o.unbiased, "auto", out_dtype)
+                            o.axis_index_groups, o.unbiased, o.strategy, out_dtype)
+    return train_norm(call, o.momentum, o.epsilon, axis_name, o.axis_index_groups, o.unbiased, o.strategy,
+                      out_dtype)

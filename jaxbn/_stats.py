@@ -60,6 +60,7 @@ from jaxbn._checks import (
     axis_size,
     check_input,
     check_mask,
+    check_strategy,
 )
 from jaxbn._layout import Layout
 from jaxbn._running import Moments, stats_dtype
@@ -575,8 +576,7 @@ def moments_keepdims(
     and without `axis_name` on a batch typed sharded (or with "psum"); it
     changes no result, only how often the exact fallback runs.
     """
-    if strategy not in ("auto", "gather", "psum"):
-        raise ValueError(f"strategy must be 'auto', 'gather' or 'psum', got {strategy!r}")
+    check_strategy(strategy)
     if axis_name is not None and strategy != "gather":
         return shifted_moments(x, red, mask, axis_name, axis_index_groups, shift)
     if axis_name is None and (

@@ -42,12 +42,12 @@ import numpy as np
 from jax import lax
 
 from jaxbn._accumulate import check_apply, combine_moments, empty_moments
-from jaxbn._checks import check_broadcast, check_mask
+from jaxbn._checks import check_broadcast, check_mask, check_strategy
 from jaxbn._dtypes import promote
 from jaxbn._norm import normalize, normalize_batch
 from jaxbn._recompute import population_from_pool, precise_part
 from jaxbn._running import Moments, contributes, narrow_float, stats_dtype, warn_narrow_state
-from jaxbn._stats import moments
+from jaxbn._stats import Strategy, moments
 
 __all__ = ["BatchNorm", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
 
@@ -195,6 +195,9 @@ class BatchNorm(hk.Module):
       cross_replica_axis_index_groups: `jax.lax.psum`'s groups (under `pmap`).
       data_format: ``"channels_last"`` / ``"N...C"`` or ``"channels_first"`` / ``"NC..."``.
       name: the module name (default ``batch_norm``, as haiku's).
+      strategy: how the statistics cross the devices of `cross_replica_axis`,
+        as in `jaxbn.moments`: "auto" (default), "psum" or "gather" (jaxbn's,
+        keyword only).
 
     Parameters are shaped like the input with 1 on the reduced axes, in the
     input's dtype; the state holds float32 (or wider) statistics in that
@@ -234,8 +237,11 @@ class BatchNorm(hk.Module):
         cross_replica_axis_index_groups: Sequence[Sequence[int]] | None = None,
         data_format: str = "channels_last",
         name: str | None = None,
+        *,
+        strategy: Strategy = "auto",
     ):
         super().__init__(name=name)
+        check_strategy(strategy)
         # haiku's own checks and messages (the missing space is haiku's too).
         if not create_scale and scale_init is not None:
             raise ValueError("Cannot set `scale_init` if `create_scale=False`")
@@ -253,6 +259,7 @@ class BatchNorm(hk.Module):
         self.axis = axis
         self.cross_replica_axis = cross_replica_axis
         self.cross_replica_axis_index_groups = cross_replica_axis_index_groups
+        self.strategy = strategy
         self.channel_index = hk.get_channel_index(data_format)
         self.mean_ema = _GuardedEMA(decay_rate, empty=0.0, name="mean_ema")
         self.var_ema = _GuardedEMA(decay_rate, empty=1.0, name="var_ema")
@@ -363,7 +370,7 @@ class BatchNorm(hk.Module):
                 y = normalize(xs, m.mean, m.var, k_scale, k_offset, axis=feat, epsilon=self.eps, dtype=k_dtype)
             else:  # the closed-form kernel: one pass of moments, x the only full-size residual
                 y, m = normalize_batch(xs, k_scale, k_offset, axis=feat, epsilon=self.eps, axis_name=axis_name,
-                                       axis_index_groups=groups, mask=mask, dtype=k_dtype)
+                                       axis_index_groups=groups, mask=mask, dtype=k_dtype, strategy=self.strategy)
             if is_training and pooling is not None:
                 self._pool_moments(m, w_shape, precise=pooling == "precise")
             elif is_training:

@@ -29,6 +29,7 @@ from jaxbn._layout import Layout
 from jaxbn._module_core import Options, forward
 from jaxbn._recompute import PRECISE_COLLECTION, BatchMoments, LayerMoments, batch_moments, pool_into, population_stats
 from jaxbn._running import Moments, RunningStats
+from jaxbn._stats import Strategy
 from jaxbn._stats import moments as jaxbn_moments
 
 __all__ = ["MOMENTS", "BatchNorm", "LayerMoments", "commit_moments", "freeze", "recompute_batch_stats"]
@@ -99,6 +100,11 @@ class BatchNorm(nn.Module):
         is split into groups of this size, each normalized with its own
         moments; the running stats take the mean of the groups' moments.
       unbiased: store the unbiased batch variance (var * n / (n - 1)).
+      strategy: how the statistics cross devices, as in `jaxbn.moments`:
+        "auto" (default), "psum" or "gather". "psum" also makes a batch
+        with no `axis_name` sum about the running mean: under `jax.jit` on a
+        batch sharded over a mesh with Auto axes and no mesh in context,
+        that saves an all-reduce per layer (see docs/sync.md).
 
     >>> import jax, jax.numpy as jnp, jaxbn.linen
     >>> bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9)
@@ -128,6 +134,7 @@ class BatchNorm(nn.Module):
     renorm_d_max: float = 5.0
     virtual_batch_size: int | None = None
     unbiased: bool = False
+    strategy: Strategy = "auto"
 
     @nn.compact
     def __call__(
@@ -167,7 +174,7 @@ class BatchNorm(nn.Module):
             axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, renorm=self.renorm,
             renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
+            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased, strategy=self.strategy,
         )
         x = as_float(x)
         fshape = Layout.of(x.shape, self.axis).feature_shape

@@ -27,6 +27,7 @@ from jaxbn._dtypes import as_float
 from jaxbn._module_core import Options, forward
 from jaxbn._recompute import BatchMoments, batch_moments, population_stats
 from jaxbn._running import Moments, RunningStats
+from jaxbn._stats import Strategy
 from jaxbn._stats import moments as jaxbn_moments
 
 __all__ = ["BatchNorm", "PooledMoments", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
@@ -99,7 +100,8 @@ class BatchNorm(nnx.Module):
         `use_bias`, `use_scale`, `bias_init`, `scale_init`, `axis_name`,
         `axis_index_groups` and `use_fast_variance` (flax's arguments) and
         jaxbn's `renorm`, `renorm_r_max`, `renorm_d_max`,
-        `virtual_batch_size` and `unbiased`: the same options, one meaning.
+        `virtual_batch_size`, `unbiased` and `strategy`: the same options,
+        one meaning.
       promote_dtype: called as `promote_dtype((x, mean, var, scale, bias),
         dtype=dtype)` before normalizing, as in flax.
       rngs: random keys for the initializers.
@@ -156,6 +158,7 @@ class BatchNorm(nnx.Module):
         renorm_d_max: float = 5.0,
         virtual_batch_size: int | None = None,
         unbiased: bool = False,
+        strategy: Strategy = "auto",
     ):
         feature_shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -192,6 +195,7 @@ class BatchNorm(nnx.Module):
         self.renorm_d_max = renorm_d_max
         self.virtual_batch_size = virtual_batch_size
         self.unbiased = unbiased
+        self.strategy = strategy
         self.collect_moments = False
         self.accumulate_moments = False
         self._options()  # bad options fail here, when the layer is built
@@ -259,7 +263,7 @@ class BatchNorm(nnx.Module):
             axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, renorm=self.renorm,
             renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased,
+            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased, strategy=self.strategy,
         )
 
     def set_view(self, use_running_average: bool | None = None) -> None:

@@ -224,6 +224,32 @@ def test_virtual_batch_size_is_checked_by_both_modules(size):
         jaxbn.nnx.BatchNorm(2, virtual_batch_size=size, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("strategy", ["mean", "", None, 1, "PSUM"])
+def test_strategy_is_checked_by_every_entry_point(strategy):
+    """The functional core at trace time, the flax and haiku modules when built (linen: when first called)."""
+    import haiku as hk
+    from flax import nnx
+
+    import jaxbn.haiku
+    import jaxbn.linen
+    import jaxbn.nnx
+
+    x = np.ones((4, 2), np.float32)
+    match = r"strategy must be 'auto', 'gather' or 'psum', got "
+    with pytest.raises(ValueError, match=match):
+        jax.jit(lambda x: _bn(x=x, strategy=strategy))(X)
+    with pytest.raises(ValueError, match=match):
+        jaxbn.moments(x, strategy=strategy)
+    with pytest.raises(ValueError, match=match):
+        jaxbn.linen.BatchNorm(use_running_average=False, strategy=strategy).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=match):
+        jaxbn.nnx.BatchNorm(2, strategy=strategy, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=match):
+        hk.transform_with_state(lambda x: jaxbn.haiku.BatchNorm(True, True, 0.9, strategy=strategy)(x, True)).init(
+            jax.random.key(0), x
+        )
+
+
 @pytest.mark.parametrize("path, error, match", [
     (3, TypeError, r"layer path must be a module name, an 'a/b' path or a tuple of names, got 3"),
     (("a", 1), TypeError, r"layer path must be a module name"),

@@ -527,6 +527,19 @@ def test_cross_replica_under_shard_map_matches_the_whole_batch():
 
 
 @needs_8
+@pytest.mark.parametrize("strategy", ["gather", "psum"])
+def test_strategy_reaches_the_collectives(strategy):
+    """strategy (jaxbn's keyword) picks how the moments cross devices: "gather" all-gathers every
+    replica's moments, "psum" does not; both give the whole batch's statistics and gradients."""
+    from benchmarks import hlo
+
+    step = _replica_step(lambda g: jax.pmap(g, axis_name="i"), True, strategy=strategy)
+    _check_whole_batch(*step(X, DY, MASK), True)
+    counts = hlo.count_collectives(step, X, DY, MASK, where="outside")
+    assert counts["all-gather"] == (1 if strategy == "gather" else 0), counts
+
+
+@needs_8
 def test_index_groups_under_pmap():
     groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
     y, state, _ = _replica_step(lambda g: jax.pmap(g, axis_name="i"), True, cross_replica_axis_index_groups=groups)(

@@ -45,7 +45,7 @@ def test_fields_are_flax_fields_in_order_then_extras():
     assert ours[: len(theirs)] == theirs
     assert ours[len(theirs):] == [
         ("renorm", False), ("renorm_r_max", 3.0), ("renorm_d_max", 5.0), ("virtual_batch_size", None),
-        ("unbiased", False),
+        ("unbiased", False), ("strategy", "auto"),
     ]
     assert BN.__name__ == "BatchNorm"
     params = inspect.signature(BN.__call__).parameters

@@ -53,8 +53,8 @@ def test_constructor_accepts_every_flax_argument_with_flax_defaults():
         if name not in ("bias_init", "scale_init"):  # fresh closures, compared by behaviour below
             assert ours[name].default == p.default, name
     extras = [n for n in ours if n not in theirs]
-    assert extras == ["renorm", "renorm_r_max", "renorm_d_max", "virtual_batch_size", "unbiased"]
-    assert [ours[n].default for n in extras] == [False, 3.0, 5.0, None, False]
+    assert extras == ["renorm", "renorm_r_max", "renorm_d_max", "virtual_batch_size", "unbiased", "strategy"]
+    assert [ours[n].default for n in extras] == [False, 3.0, 5.0, None, False, "auto"]
     theirs_l, ours_l = _pair(3)
     _close(nnx.state(ours_l), nnx.state(theirs_l), rtol=0, atol=0)
     assert jax.tree.structure(nnx.state(ours_l)) == jax.tree.structure(nnx.state(theirs_l))

@@ -251,3 +251,58 @@ def test_psum_strategy_without_axis_name_sums_about_zero(offset):
     np.testing.assert_allclose(m.mean, mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(m.var, var, rtol=1e-4)
     np.testing.assert_array_equal(m.count, n)
+
+
+def _module_step_on_auto_mesh(framework, strategy):
+    """A linen or nnx BatchNorm's jitted train step (grads of sum(y * x), new running mean) on a batch
+    sharded over a mesh with Auto axes, no mesh in context; returns (collectives, step, args, x)."""
+    from flax import nnx
+
+    import jaxbn.linen
+    import jaxbn.nnx
+
+    mesh = jax.make_mesh((D,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, _ = _batch(offset=3.0, seed=5)
+    xs = jax.device_put(jnp.asarray(x.reshape(D * B, C)), NamedSharding(mesh, P("data")))
+    if framework == "linen":
+        bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.0, strategy=strategy)
+        variables = bn.init(jax.random.key(0), xs[:2])
+
+        def step(v, x):
+            def loss(x):
+                y, upd = bn.apply(v, x, mutable=["batch_stats"])
+                return jnp.sum(y * x), upd["batch_stats"]["mean"]
+
+            return jax.grad(loss, has_aux=True)(x)
+
+        args = (variables, xs)
+    else:
+        model = jaxbn.nnx.BatchNorm(C, momentum=0.0, strategy=strategy, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+
+        def step(state, x):
+            def loss(x, m):
+                y = m(x)
+                return jnp.sum(y * x), m.mean[...]
+
+            return nnx.grad(loss, has_aux=True)(x, nnx.merge(graphdef, state))
+
+        args = (state, xs)
+    return hlo.count_collectives(step, *args, where="outside"), step, args, x
+
+
+@pytest.mark.parametrize("framework", ["linen", "nnx"])
+def test_module_strategy_psum_on_an_auto_mesh_without_context(framework):
+    """jit on a batch sharded over Auto axes with no mesh in context: the batch's type says nothing, so
+    "auto" takes the shift from a slice (3 all-reduces); the module field strategy="psum" sums about the
+    running mean (2, flax's budget) and gives the same whole-batch statistics and gradients."""
+    counts = {s: _module_step_on_auto_mesh(framework, s) for s in ("auto", "psum")}
+    assert counts["auto"][0] == {**dict.fromkeys(hlo.KINDS, 0), "all-reduce": 3}
+    assert counts["psum"][0] == {**dict.fromkeys(hlo.KINDS, 0), "all-reduce": 2}
+    x = counts["psum"][3].reshape(-1, C)
+    mean, _, _ = ref.moments(x)
+    got = {}
+    for s, (_, step, args, _) in counts.items():
+        got[s] = jax.jit(step)(*args)
+        np.testing.assert_allclose(got[s][1], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["psum"][0], got["auto"][0], rtol=1e-5, atol=1e-6)
