@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks [layer|model|collectives|figures|render|reductions] [options]`` (``--help`` on each).
+"""Command line: ``python -m benchmarks [PART] [options]`` (``--help`` on each); the parts:
 
 * ``layer`` (the default when no part is named): one batch-norm layer of each
   library, timed side by side (`benchmarks.layer`);

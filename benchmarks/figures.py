@@ -137,9 +137,9 @@ def run(
     if "reductions" in parts:
         from benchmarks import reductions
 
+        cases = grid.parse_cases(None, quick)
         out["reductions"] = reductions.measure(
-            [c for c in grid.parse_cases(None, quick) if c.key in ("nhwc56", "nhwc14")] or grid.parse_cases(None, quick),
-            2 if quick else REDUCTION_REPS,
+            [c for c in cases if c.key in ("nhwc56", "nhwc14")] or cases, 2 if quick else REDUCTION_REPS
         )
     out["meta"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return out
