@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Hashable, Sequence
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,9 @@ Axes = int | Sequence[int]
 AxisName = Hashable | tuple[Hashable, ...]
 #: `jax.lax.psum`'s `axis_index_groups`: a partition of the axis indices, or None.
 AxisIndexGroups = Sequence[Sequence[int]] | None
+#: How synchronized moments cross devices (see `jaxbn.moments`).
+Strategy = Literal["auto", "gather", "psum"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 def canonical_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...]:
@@ -329,9 +333,6 @@ def check_axis_name(axis_name: object) -> None:
         )
     if not isinstance(axis_name, Hashable):
         raise TypeError(f"axis_name must be a name or a tuple of names, got {type(axis_name).__name__} {axis_name!r}")
-
-
-STRATEGIES = ("auto", "gather", "psum")
 
 
 def check_strategy(strategy: object) -> None:

@@ -12,6 +12,7 @@ lives in `jaxbn._dtypes`, ghost batches in `jaxbn._ghost`, precise BN in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from jaxbn._checks import (
     Axes,
     AxisIndexGroups,
     AxisName,
+    Strategy,
     check_epsilon,
     check_input,
     check_momentum,
@@ -36,7 +38,6 @@ from jaxbn._ghost import GhostBatches
 from jaxbn._layout import Layout
 from jaxbn._norm import _normalize, _Prepared, check_real, train_norm, train_renorm
 from jaxbn._running import RunningStats
-from jaxbn._stats import Strategy
 
 
 def _as_tuple(value: object) -> object:
@@ -98,6 +99,11 @@ class Options:
     virtual_batch_size: int | None = None
     unbiased: bool = False
     strategy: Strategy = "auto"
+
+    @classmethod
+    def of(cls, module: object) -> Options:
+        """The options from `module`'s attributes of the same names (the Linen and NNX modules)."""
+        return cls(**{f.name: getattr(module, f.name) for f in dataclasses.fields(cls)})
 
     def __post_init__(self) -> None:
         for name in ("axis", "axis_name", "axis_index_groups"):

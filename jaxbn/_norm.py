@@ -18,6 +18,7 @@ from jaxbn._checks import (
     Axes,
     AxisIndexGroups,
     AxisName,
+    Strategy,
     axis_size,
     check_epsilon,
     check_input,
@@ -30,7 +31,7 @@ from jaxbn._checks import (
 from jaxbn._kernel import Reduction, affine, train_affine
 from jaxbn._layout import Layout
 from jaxbn._running import Moments, RunningStats, check_stats_type, stats_dtype, update_stats
-from jaxbn._stats import Strategy, moments_keepdims
+from jaxbn._stats import moments_keepdims
 
 
 def normalize(

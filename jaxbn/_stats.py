@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +56,7 @@ from jaxbn._checks import (
     Axes,
     AxisIndexGroups,
     AxisName,
+    Strategy,
     axis_size,
     check_input,
     check_mask,
@@ -69,7 +69,6 @@ from jaxbn._xla import separate_converts, spelled_apart, typed_spec
 _PILOT = 8
 _PILOT_DENSITY = 1024
 
-Strategy = Literal["auto", "gather", "psum"]
 
 
 def _real(dt: jnp.dtype) -> jnp.dtype:

@@ -42,12 +42,12 @@ import numpy as np
 from jax import lax
 
 from jaxbn._accumulate import check_apply, combine_moments, empty_moments
-from jaxbn._checks import check_broadcast, check_mask, check_strategy
+from jaxbn._checks import Strategy, check_broadcast, check_mask, check_strategy
 from jaxbn._dtypes import promote
 from jaxbn._norm import normalize, normalize_batch
 from jaxbn._recompute import population_from_pool, precise_part
 from jaxbn._running import Moments, contributes, narrow_float, stats_dtype, warn_narrow_state
-from jaxbn._stats import Strategy, moments
+from jaxbn._stats import moments
 
 __all__ = ["BatchNorm", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
 

@@ -23,13 +23,12 @@ from jax.nn import initializers
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._accumulate import commit_moments as _commit
-from jaxbn._checks import AxisIndexGroups, AxisName, check_mask
+from jaxbn._checks import AxisIndexGroups, AxisName, Strategy, check_mask
 from jaxbn._dtypes import as_float
 from jaxbn._layout import Layout
 from jaxbn._module_core import Options, forward
 from jaxbn._recompute import PRECISE_COLLECTION, BatchMoments, LayerMoments, batch_moments, pool_into, population_stats
 from jaxbn._running import Moments, RunningStats
-from jaxbn._stats import Strategy
 from jaxbn._stats import moments as jaxbn_moments
 
 __all__ = ["MOMENTS", "BatchNorm", "LayerMoments", "commit_moments", "freeze", "recompute_batch_stats"]
@@ -170,12 +169,7 @@ class BatchNorm(nn.Module):
             )
         training = collecting or not (frozen or use_running_average)
         accumulating = training and not (initializing or collecting) and _collects_moments(self, MOMENTS)
-        options = Options(
-            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype, renorm=self.renorm,
-            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased, strategy=self.strategy,
-        )
+        options = Options.of(self)
         x = as_float(x)
         fshape = Layout.of(x.shape, self.axis).feature_shape
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)

@@ -22,12 +22,11 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._accumulate import combine_moments, empty_moments
 from jaxbn._accumulate import commit_moments as _commit
-from jaxbn._checks import AxisIndexGroups, AxisName, check_mask
+from jaxbn._checks import AxisIndexGroups, AxisName, Strategy, check_mask
 from jaxbn._dtypes import as_float
 from jaxbn._module_core import Options, forward
 from jaxbn._recompute import BatchMoments, batch_moments, population_stats
 from jaxbn._running import Moments, RunningStats
-from jaxbn._stats import Strategy
 from jaxbn._stats import moments as jaxbn_moments
 
 __all__ = ["BatchNorm", "PooledMoments", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
@@ -259,12 +258,7 @@ class BatchNorm(nnx.Module):
 
     def _options(self) -> Options:
         """The options from the attributes as they are now (a view or the user may have changed them)."""
-        return Options(
-            axis=self.axis, momentum=self.momentum, epsilon=self.epsilon, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype, renorm=self.renorm,
-            renorm_r_max=self.renorm_r_max, renorm_d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size, unbiased=self.unbiased, strategy=self.strategy,
-        )
+        return Options.of(self)
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Class method used by ``nnx.view``.
