@@ -9,7 +9,9 @@ unbiased running variance and `momentum=None` (cumulative average).
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -24,6 +26,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn._accumulate import commit_moments as _commit
 from jaxbn._checks import AxisIndexGroups, AxisName, Strategy, check_mask
+from jaxbn._convert import FirstUse, batch_mask, check_overrides, current_batch_mask
 from jaxbn._dtypes import as_float
 from jaxbn._layout import Layout
 from jaxbn._module_core import Options, forward
@@ -31,7 +34,16 @@ from jaxbn._recompute import PRECISE_COLLECTION, BatchMoments, LayerMoments, bat
 from jaxbn._running import Moments, RunningStats
 from jaxbn._stats import moments as jaxbn_moments
 
-__all__ = ["MOMENTS", "BatchNorm", "LayerMoments", "commit_moments", "freeze", "recompute_batch_stats"]
+__all__ = [
+    "MOMENTS",
+    "BatchNorm",
+    "LayerMoments",
+    "batch_mask",
+    "commit_moments",
+    "convert",
+    "freeze",
+    "recompute_batch_stats",
+]
 
 #: The collection in which training layers pool their batch moments instead of updating
 #: `batch_stats` (gradient accumulation): make it mutable by name, e.g.
@@ -155,7 +167,8 @@ class BatchNorm(nn.Module):
           x: the input, shape (..., features, ...).
           use_running_average: overrides the field of the same name.
           mask: optional bool array broadcastable to `x`; False entries are
-            left out of the statistics (they are still normalized).
+            left out of the statistics (they are still normalized). Without
+            one, the mask of an enclosing `jaxbn.linen.batch_mask` block.
 
         Returns:
           The normalized input, shape of `x`.
@@ -186,7 +199,7 @@ class BatchNorm(nn.Module):
             stats = jax.lax.stop_gradient(stats)
             if frozen == "all":
                 scale, bias = jax.lax.stop_gradient((scale, bias))
-        mask = check_mask(mask, x.shape)
+        mask = check_mask(current_batch_mask(x.shape) if mask is None else mask, x.shape)
         y, new = forward(x, stats, scale, bias, options=options, training=training, initializing=initializing,
                          mask=mask)
         if collecting:
@@ -233,7 +246,8 @@ def freeze(apply_fn: Callable[..., Any], *, affine: bool = True) -> Callable[...
     (field or argument) says, never updates them (nothing is written to
     `batch_stats`, so it need not be mutable) and stops their gradient. The
     rest of the model runs as asked (dropout stays in training mode, say).
-    `flax.linen.BatchNorm` layers are not affected.
+    `flax.linen.BatchNorm` layers are not affected: convert them first,
+    ``freeze(convert(model.apply))``.
 
     Call the returned function inside the function you differentiate or
     jit (the layers are frozen while it traces them), not around an already
@@ -347,7 +361,8 @@ def recompute_batch_stats(
         raise ValueError(
             f"no jaxbn.linen.BatchNorm layer reported its moments in {type(model).__name__}: "
             "recompute_batch_stats only recomputes jaxbn's layers (flax.linen.BatchNorm layers do not report "
-            f"their moments), and {_LIFTED}"
+            "their moments: run jaxbn.linen.convert(jaxbn.linen.recompute_batch_stats)(model, ...) to convert "
+            f"them), and {_LIFTED}"
         )
     silent = sorted("/".join(p) for p in ran - set(parts))
     if silent:
@@ -442,3 +457,93 @@ def commit_moments(
 
 def _unfreeze(tree: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _unfreeze(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+# The fields a converted layer takes from flax's layer (those flax has) or from the overrides.
+_CONVERT_FIELDS = tuple(f.name for f in dataclasses.fields(BatchNorm) if f.init and f.name not in ("parent", "name"))
+_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
+_FLAX_CALL = inspect.signature(nn.BatchNorm.__call__)
+
+
+def _converted_layer(
+    overrides: Mapping[str, Any],
+    converted: list[str],
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: nn.module.InterceptorContext,
+) -> Any:
+    """A method interceptor: a `flax.linen.BatchNorm` call runs a `jaxbn.linen.BatchNorm` in the same scope."""
+    module = context.module
+    if not (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"):
+        return next_fun(*args, **kwargs)
+    converted.append("/".join(module.path))
+    call = _FLAX_CALL.bind(module, *args, **kwargs).arguments
+    fields = {name: getattr(module, name) for name in _CONVERT_FIELDS if hasattr(module, name)}
+    # Bound to flax's layer's own scope: the same variables, paths, rngs and mutable collections.
+    scope: Any = module.scope
+    layer = BatchNorm(**{**fields, **overrides}, parent=scope)
+    return layer(call["x"], call.get("use_running_average"), mask=call.get("mask"))
+
+
+def convert(apply_fn: Callable[..., Any], **overrides: Any) -> Callable[..., Any]:
+    """`apply_fn` with every `flax.linen.BatchNorm` running as a `jaxbn.linen.BatchNorm`: no edit of the model.
+
+    PyTorch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` for Linen: inside
+    the returned function each call of a `flax.linen.BatchNorm` (or a
+    subclass) runs `jaxbn.linen.BatchNorm`'s computation with that layer's
+    own fields, in that layer's scope: it reads and writes the same `params`
+    (`scale`, `bias`) and `batch_stats` (`mean`, `var`) at the same paths, so
+    the variable tree is unchanged and checkpoints load both ways. The
+    call's `use_running_average` and `mask` pass through; a call without a
+    mask takes the one of an enclosing `batch_mask` block. `overrides`
+    replace fields of every converted layer, e.g. ``axis_name="batch"`` (a
+    model becomes sync-BN under ``jax.pmap(..., axis_name="batch")``) or
+    ``strategy="psum"``; ``momentum=None`` adds a `count` to `batch_stats`.
+
+    The converted layers are jaxbn's in every respect, so the rest of
+    `jaxbn.linen` applies: ``freeze(convert(model.apply))``, accumulation
+    (the `MOMENTS` collection, `commit_moments`), and
+    ``convert(recompute_batch_stats)(model, variables, batches)``.
+    `apply_fn` is any function that runs Linen modules; call the returned
+    function inside the function you jit or differentiate (the layers are
+    converted while it traces them), not around an already jitted function.
+    If its first call converts no layer, it warns (`UserWarning`): the model
+    has no `flax.linen.BatchNorm`, or it ran from a jit cache traced
+    without conversion.
+
+    Args:
+      apply_fn: usually `model.apply`; any function that runs Linen modules.
+      **overrides: fields of `jaxbn.linen.BatchNorm` to set on every converted
+        layer (`axis_name`, `axis_index_groups`, `strategy`, `momentum`,
+        `epsilon`, `renorm`, `virtual_batch_size`, `unbiased`, ...).
+
+    Returns:
+      A function with `apply_fn`'s signature.
+
+    Raises:
+      TypeError: an override that is not a field of `jaxbn.linen.BatchNorm`.
+      ValueError: an override with a bad value (momentum, epsilon, strategy, ...).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn.linen
+    >>> model = nn.BatchNorm(use_running_average=False, momentum=0.0)   # flax's own layer
+    >>> x = 1e4 + jnp.array([[-1.0], [1.0]])                            # E[x^2] - E[x]^2 loses it
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> _, flax_stats = model.apply(variables, x, mutable=["batch_stats"])
+    >>> _, stats = jaxbn.linen.convert(model.apply)(variables, x, mutable=["batch_stats"])
+    >>> flax_stats["batch_stats"]["var"].tolist(), stats["batch_stats"]["var"].tolist()
+    ([0.0], [1.0])
+    """
+    check_overrides(overrides, _CONVERT_FIELDS, "jaxbn.linen.convert")
+    Options(**{k: v for k, v in overrides.items() if k in _OPTION_FIELDS})  # bad values fail here
+    first = FirstUse("flax.linen.BatchNorm", "jaxbn.linen.convert")
+
+    @functools.wraps(apply_fn)
+    def converted(*args: Any, **kwargs: Any) -> Any:
+        layers: list[str] = []
+        with nn.intercept_methods(functools.partial(_converted_layer, dict(overrides), layers)):
+            out = apply_fn(*args, **kwargs)
+        first.done(len(layers))
+        return out
+
+    return converted

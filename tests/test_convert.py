@@ -1,0 +1,273 @@
+"""`convert` in each framework: a model built with the framework's own BatchNorm runs jaxbn's, unedited.
+
+Each converted model is checked against an independent float64 numpy
+reference (`tests/reference.py`) or against the unconverted model's
+documented behaviour: the same variables, params or state (checkpoints load
+both ways), the statistics of the whole batch across devices, masks, inf
+batches, and the composition with `freeze`, accumulation and
+`recompute_batch_stats`. The models are tiny: these tests compile a few
+programs each.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn.linen
+from tests import reference as ref
+from tests.data.linen_resnet import ResNet18
+
+DEVICES = 8
+
+
+def shapes(tree):
+    return jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), tree)
+
+
+def numpy_init(init, *args, seed=0):
+    """Variables of the tree `init(key, *args)` makes, drawn by numpy (jax.random compiles slowly on CPU):
+    kernels N(0, 1/fan_in), scales 1, biases and means 0, variances 1."""
+    rng = np.random.default_rng(seed)
+    tree = jax.eval_shape(init, jax.random.key(0), *args)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        if "kernel" in name or name.endswith("w']"):
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+        value = 1.0 if ("scale" in name or "var" in name) else 0.0
+        return np.full(leaf.shape, value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, tree)
+
+
+# ---------------------------------------------------------------------------------------------- Linen
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """flax-style ResNet-18 (8 filters), its variables from flax's own init, and a 16-image batch."""
+    model = ResNet18(num_classes=3, num_filters=8)
+    x = ref.normal(0, (DEVICES * 2, 32, 32, 3)) * 2.0 + 3.0
+    return model, numpy_init(model.init, x[:2]), x
+
+
+def _is_conv_init(module, method_name):
+    return module.name == "conv_init"
+
+
+@pytest.fixture(scope="module")
+def resnet_steps(resnet, eight_devices_module):
+    """One training step of the converted ResNet (axis_name="batch") under 8-device pmap, on a clean batch
+    and on a batch holding one inf; the first layer's input captured."""
+    model, variables, x = resnet
+    apply = jaxbn.linen.convert(model.apply, axis_name="batch")
+
+    def step(v, x):
+        _, out = apply(v, x, train=True, mutable=["batch_stats", "intermediates"],
+                       capture_intermediates=_is_conv_init)
+        return out["batch_stats"], out["intermediates"]["conv_init"]["__call__"][0]
+
+    pstep = jax.pmap(step, axis_name="batch", in_axes=(None, 0))
+    rep = variables
+    xs = x.reshape(DEVICES, 2, *x.shape[1:])
+    x_inf = xs.copy()
+    x_inf[3, 1, 5, 7, 0] = np.inf
+    return pstep(rep, xs), pstep(rep, x_inf)
+
+
+@pytest.fixture(scope="module")
+def eight_devices_module():
+    from tests.conftest import require_devices
+
+    require_devices(DEVICES)
+    return jax.devices()[:DEVICES]
+
+
+def test_linen_resnet_sync_bn_without_an_edit(resnet, resnet_steps):
+    """The variable tree is flax's, the running statistics are those of the global batch (float64)."""
+    model, variables, x = resnet
+    (stats, conv_out), _ = resnet_steps
+    assert shapes(jax.tree.map(lambda a: a[0], stats)) == shapes(variables["batch_stats"])
+    # Every device holds the same statistics: the whole batch's.
+    for leaf in jax.tree.leaves(stats):
+        np.testing.assert_array_equal(np.asarray(leaf), np.broadcast_to(np.asarray(leaf)[0], leaf.shape))
+    first = np.asarray(conv_out, np.float64).reshape(-1, conv_out.shape[-1])  # (16 * 16 * 16, 8), all devices
+    mean, var, n = ref.moments(first)
+    want_mean, want_var, _ = ref.update(0.0, 1.0, 0, mean, var, n, momentum=0.9)
+    np.testing.assert_allclose(stats["bn_init"]["mean"][0], want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["bn_init"]["var"][0], want_var, rtol=1e-5)
+    # One device's moments alone would not give them.
+    local = ref.moments(np.asarray(conv_out[0], np.float64).reshape(-1, conv_out.shape[-1]))
+    assert np.max(np.abs(ref.update(0.0, 1.0, 0, *local, momentum=0.9)[1] - want_var)) > 1e-3
+
+
+def test_linen_resnet_inf_batch_keeps_stats_finite(resnet, resnet_steps, eight_devices_module):
+    """One inf in the batch: every converted running statistic stays finite; flax's own layers turn NaN."""
+    model, variables, x = resnet
+    _, (stats, _) = resnet_steps
+    assert all(bool(np.all(np.isfinite(leaf))) for leaf in jax.tree.leaves(stats))
+    # The layers hit by the inf keep their old values exactly.
+    np.testing.assert_array_equal(stats["bn_init"]["var"][0], variables["batch_stats"]["bn_init"]["var"])
+
+    x_inf = x.copy()
+    x_inf[7, 5, 7, 0] = np.inf
+    _, theirs = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x_inf)
+    assert not np.all(np.isfinite(theirs["batch_stats"]["bn_init"]["var"]))
+
+
+class MaskedNet(nn.Module):
+    """A model written for sync-BN that passes its own mask to flax's BatchNorm."""
+
+    @nn.compact
+    def __call__(self, x, mask=None, train=True):
+        y = nn.BatchNorm(use_running_average=not train, momentum=0.5, axis_name="batch")(x, mask=mask)
+        return nn.Dense(2)(y)
+
+
+def _uneven_masks():
+    x = ref.normal(1, (DEVICES, 4, 3)) + 100.0
+    mask = np.ones((DEVICES, 4, 1), bool)
+    mask[0] = False  # device 0: nothing valid
+    mask[1, 1:] = False  # device 1: one valid example
+    mask[2, ::2] = False
+    return x, mask
+
+
+def test_linen_uneven_masks_one_device_fully_masked(eight_devices_module):
+    """flax's layer gives NaN when one device's shard is all masked; converted, the global masked statistics."""
+    model = MaskedNet()
+    x, mask = _uneven_masks()
+    variables = numpy_init(model.init, x[0], mask[0])
+
+    def step(apply):
+        def run(v, x, m):
+            return apply(v, x, m, mutable=["batch_stats"])[1]["batch_stats"]["BatchNorm_0"]
+
+        return jax.pmap(run, axis_name="batch", in_axes=(None, 0, 0))(variables, x, mask)
+
+    theirs, ours = step(model.apply), step(jaxbn.linen.convert(model.apply))
+    assert not np.all(np.isfinite(np.asarray(theirs["mean"])))
+    mean, var, n = ref.moments(x.reshape(-1, 3), mask=mask.reshape(-1, 1))
+    want = ref.update(0.0, 1.0, 0, mean, var, n, momentum=0.5)
+    for dev in range(DEVICES):
+        np.testing.assert_allclose(ours["mean"][dev], want[0], rtol=1e-6)
+        np.testing.assert_allclose(ours["var"][dev], want[1], rtol=1e-4)
+
+
+def test_linen_batch_mask_reaches_every_converted_layer(eight_devices_module):
+    """A model that passes no mask: `batch_mask` masks the padded examples in every converted layer."""
+    model = MaskedNet()
+    x, mask = _uneven_masks()
+    variables = numpy_init(model.init, x[0])
+    apply = jaxbn.linen.convert(model.apply)
+
+    def run(v, x, m):
+        with jaxbn.linen.batch_mask(m[:, 0]):  # per example
+            return apply(v, x, mutable=["batch_stats"])[1]["batch_stats"]["BatchNorm_0"]
+
+    ours = jax.pmap(run, axis_name="batch", in_axes=(None, 0, 0))(variables, x, mask)
+    mean, var, n = ref.moments(x.reshape(-1, 3), mask=mask.reshape(-1, 1))
+    want = ref.update(0.0, 1.0, 0, mean, var, n, momentum=0.5)
+    np.testing.assert_allclose(ours["mean"][0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(ours["var"][0], want[1], rtol=1e-4)
+    with pytest.raises(ValueError, match="leading axes"):
+        with jaxbn.linen.batch_mask(np.ones(5, bool)):
+            apply(variables, x[0], mutable=["batch_stats"])
+    with pytest.raises(TypeError, match="boolean"):
+        with jaxbn.linen.batch_mask(np.ones(4)):
+            pass
+
+
+class SmallNet(nn.Module):
+    """Dense, flax's BatchNorm (used twice: shared variables), Dense: a model with flax's layers only."""
+
+    @nn.compact
+    def __call__(self, x, train=True):
+        x = nn.Dense(4)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
+        return nn.Dense(2)(nn.relu(x))
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = SmallNet()
+    x = ref.normal(2, (16, 3)) + 1e3
+    return model, numpy_init(model.init, x), x
+
+
+def _dense(v, x):
+    return np.asarray(x, np.float64) @ np.asarray(v["kernel"], np.float64) + np.asarray(v["bias"], np.float64)
+
+
+def test_linen_round_trip_checkpoints(small):
+    """flax's variables load into the converted model, its updated ones back into flax's: same tree, same
+    inference outputs; the converted init makes flax's tree."""
+    model, variables, x = small
+    converted = jaxbn.linen.convert(model.apply)
+    assert shapes(jax.eval_shape(jaxbn.linen.convert(model.init), jax.random.key(0), x)) == shapes(variables)
+    _, updates = converted(variables, x, mutable=["batch_stats"])
+    trained = {**variables, **updates}
+    assert shapes(trained) == shapes(variables)
+    h = _dense(variables["params"]["Dense_0"], x)
+    mean, var, n = ref.moments(h)
+    want_mean, want_var, _ = ref.update(0.0, 1.0, 0, mean, var, n, momentum=0.8)
+    np.testing.assert_allclose(trained["batch_stats"]["BatchNorm_0"]["mean"], want_mean, rtol=1e-6)
+    np.testing.assert_allclose(trained["batch_stats"]["BatchNorm_0"]["var"], want_var, rtol=1e-4)
+    ours = converted(trained, x, train=False)
+    theirs = model.apply(trained, x, train=False)  # flax's own layers on the converted model's checkpoint
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_linen_freeze_accumulate_recompute_compose(small):
+    """freeze(convert(apply)) normalizes with the stored statistics; MOMENTS pools and commits the whole
+    batch's update; convert(recompute_batch_stats) stores the population statistics (float64)."""
+    model, variables, x = small
+    h = _dense(variables["params"]["Dense_0"], x)
+    stats = {"BatchNorm_0": {"mean": jnp.full(4, 1e3, jnp.float32), "var": jnp.full(4, 4.0, jnp.float32)}}
+    v = {**variables, "batch_stats": stats}
+
+    frozen = jaxbn.linen.freeze(jaxbn.linen.convert(model.apply))
+    y, updates = frozen(v, x, mutable=["batch_stats"])
+    np.testing.assert_array_equal(updates["batch_stats"]["BatchNorm_0"]["mean"], stats["BatchNorm_0"]["mean"])
+    z = ref.normalize(h, 1e3, 4.0)  # scale 1, bias 0
+    want = _dense(variables["params"]["Dense_1"], np.maximum(z, 0.0))
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+    converted = jaxbn.linen.convert(model.apply)
+    halves = (x[:8], x[8:])
+    _, pool = converted(v, halves[0], mutable=[jaxbn.linen.MOMENTS])
+    _, pool = converted({**v, **pool}, halves[1], mutable=[jaxbn.linen.MOMENTS])
+    committed, _ = jaxbn.linen.commit_moments(v["batch_stats"], pool[jaxbn.linen.MOMENTS])
+    mean, var, n = ref.moments(h)
+    want_mean, want_var, _ = ref.update(1e3, 4.0, 0, mean, var, n, momentum=0.8)
+    np.testing.assert_allclose(committed["BatchNorm_0"]["mean"], want_mean, rtol=1e-6)
+    np.testing.assert_allclose(committed["BatchNorm_0"]["var"], want_var, rtol=1e-4)
+
+    recompute = jaxbn.linen.convert(jaxbn.linen.recompute_batch_stats)
+    precise = recompute(model, v, list(halves), train=False)
+    np.testing.assert_allclose(precise["batch_stats"]["BatchNorm_0"]["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(precise["batch_stats"]["BatchNorm_0"]["var"], var, rtol=1e-4)
+    assert shapes(precise) == shapes(v)
+
+
+def test_linen_overrides_and_no_batch_norm(small):
+    model, variables, x = small
+    with pytest.raises(TypeError, match="axis_nam"):
+        jaxbn.linen.convert(model.apply, axis_nam="batch")
+    with pytest.raises(ValueError, match="strategy"):
+        jaxbn.linen.convert(model.apply, strategy="sum")
+    dense = nn.Dense(2)
+    v = numpy_init(dense.init, x)
+    apply = jaxbn.linen.convert(dense.apply)
+    with pytest.warns(UserWarning, match="no flax.linen.BatchNorm found"):
+        apply(v, x)
+    apply(v, x)  # once only
+    # The overrides reach the layer: momentum=0 stores the batch's statistics.
+    _, updates = jaxbn.linen.convert(model.apply, momentum=0.0)(variables, x, mutable=["batch_stats"])
+    mean, _, _ = ref.moments(_dense(variables["params"]["Dense_0"], x))
+    np.testing.assert_allclose(updates["batch_stats"]["BatchNorm_0"]["mean"], mean, rtol=1e-6)
