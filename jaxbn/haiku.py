@@ -43,13 +43,14 @@ from jax import lax
 
 from jaxbn._accumulate import check_apply, combine_moments, empty_moments
 from jaxbn._checks import Strategy, check_broadcast, check_mask, check_strategy
+from jaxbn._convert import FirstUse, batch_mask, check_overrides, current_batch_mask
 from jaxbn._dtypes import promote
 from jaxbn._norm import normalize, normalize_batch
 from jaxbn._recompute import population_from_pool, precise_part
 from jaxbn._running import Moments, contributes, narrow_float, stats_dtype, warn_narrow_state
 from jaxbn._stats import moments
 
-__all__ = ["BatchNorm", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
+__all__ = ["BatchNorm", "accumulate", "batch_mask", "commit_moments", "convert", "freeze", "recompute_batch_stats"]
 
 # A BatchNorm's own state bundle holds these while it pools moments (gradient accumulation, precise BN).
 _POOL = ("pooled_mean", "pooled_var", "pooled_count")
@@ -316,6 +317,7 @@ class BatchNorm(hk.Module):
           offset: array broadcastable to `inputs`; only without `create_offset`.
           mask: optional bool array broadcastable to `inputs` (jaxbn's extra): False
             entries are left out of the statistics (they are still normalized).
+            Without one, the mask of an enclosing `jaxbn.haiku.batch_mask` block.
 
         Returns:
           The normalized array, shape of `inputs`, in the dtype haiku gives
@@ -326,7 +328,7 @@ class BatchNorm(hk.Module):
         if self.create_offset and offset is not None:
             raise ValueError("Cannot pass `offset` at call time if `create_offset=True`.")
         x = jnp.asarray(inputs)
-        mask = check_mask(mask, x.shape, target="inputs")
+        mask = check_mask(current_batch_mask(x.shape, "inputs") if mask is None else mask, x.shape, target="inputs")
         reduced = self._reduced_axes(x.ndim)
         w_shape = tuple(1 if i in reduced else d for i, d in enumerate(x.shape))
         # Integers and bools are promoted as haiku's jnp.mean promotes them: to the default float
@@ -416,7 +418,8 @@ def freeze(fn: Callable[..., Any], *, affine: bool = True) -> Callable[..., Any]
     the model passes, so it normalizes with `mean_ema` / `var_ema` and never
     updates them; the rest of the model trains as asked. The averages are
     haiku state, which is not differentiated (`jax.grad` over the params).
-    `haiku.BatchNorm` layers are not affected.
+    `haiku.BatchNorm` layers are not affected: convert them first,
+    ``freeze(convert(forward))``.
 
     Wrap the forward function *before* `hk.transform_with_state` (the
     layers are frozen while it runs inside the transform). `init` runs
@@ -665,3 +668,108 @@ def recompute_batch_stats(
                 "average": value.astype(jnp.asarray(ema["average"]).dtype),
             }
     return out
+
+
+# What an override may set on every converted layer: the settings that leave params and state as they are.
+_CONVERT_ARGS = ("decay_rate", "eps", "axis", "cross_replica_axis", "cross_replica_axis_index_groups", "data_format",
+                 "strategy", "axis_name")
+_HK_CALL = inspect.signature(hk.BatchNorm.__call__)
+
+
+def _converted_call(
+    overrides: Mapping[str, Any],
+    converted: list[str],
+    next_f: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: hk.MethodContext,
+) -> Any:
+    """A method interceptor: an `hk.BatchNorm` call runs a `jaxbn.haiku.BatchNorm` of the same module name."""
+    module = context.module
+    if not (isinstance(module, hk.BatchNorm) and context.method_name == "__call__"):
+        return next_f(*args, **kwargs)
+    converted.append(module.module_name)
+    call = _HK_CALL.bind(module, *args, **kwargs).arguments
+    settings: dict[str, Any] = {
+        "create_scale": module.create_scale,
+        "create_offset": module.create_offset,
+        "decay_rate": module.mean_ema.decay,
+        "eps": module.eps,
+        "scale_init": module.scale_init if module.create_scale else None,
+        "offset_init": module.offset_init if module.create_offset else None,
+        "axis": module.axis,
+        "cross_replica_axis": module.cross_replica_axis,
+        "cross_replica_axis_index_groups": module.cross_replica_axis_index_groups,
+        "data_format": "channels_first" if module.channel_index == 1 else "channels_last",
+        **overrides,
+    }
+    # The same module name: the same parameters (`name/scale`) and state (`name/~/mean_ema`, ...).
+    layer = BatchNorm(**settings, name=hk.experimental.force_name(module.module_name))
+    return layer(call["inputs"], call["is_training"], call.get("test_local_stats", False), call.get("scale"),
+                 call.get("offset"))
+
+
+def convert(forward: Callable[..., Any], **overrides: Any) -> Callable[..., Any]:
+    """`forward` with every `haiku.BatchNorm` running as a `jaxbn.haiku.BatchNorm`: no edit of the model.
+
+    PyTorch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` for Haiku: inside
+    the returned function each call of an `hk.BatchNorm` (those that
+    `hk.nets.ResNet` and other haiku models build included) runs a
+    `jaxbn.haiku.BatchNorm` with that layer's settings and module name, so it
+    reads and writes the same parameters (`scale`, `offset`) and state
+    (`mean_ema`, `var_ema`): the params and state trees are unchanged and
+    checkpoints load both ways. The call's arguments pass through; the
+    mask of an enclosing `batch_mask` block reaches every layer.
+    `overrides` replace settings of every converted layer: `axis_name` (an
+    alias of `cross_replica_axis`: the model becomes sync-BN under
+    ``jax.pmap(..., axis_name=...)`` or `jax.vmap`), `strategy`,
+    `decay_rate`, `eps`, `axis`, `cross_replica_axis_index_groups`,
+    `data_format`.
+
+    The converted layers are jaxbn's, so the rest of `jaxbn.haiku` applies to
+    ``hk.transform_with_state(convert(forward))``: `freeze` (wrap either way
+    round), `accumulate` / `commit_moments` and `recompute_batch_stats`.
+    Wrap the function *before* `hk.transform_with_state`. If its first call
+    converts no layer, it warns (`UserWarning`).
+
+    Args:
+      forward: a function that runs haiku modules (your forward function).
+      **overrides: settings of `jaxbn.haiku.BatchNorm` for every converted layer.
+
+    Returns:
+      A function with `forward`'s signature.
+
+    Raises:
+      TypeError: an override that is not one of the settings above, or both
+        `axis_name` and `cross_replica_axis`.
+      ValueError: a bad `strategy`.
+
+    >>> import haiku as hk, jax.numpy as jnp, jaxbn.haiku
+    >>> def forward(x):
+    ...     return hk.BatchNorm(True, True, decay_rate=0.9)(x, is_training=True)   # haiku's own layer
+    >>> f = hk.transform_with_state(jaxbn.haiku.convert(forward))
+    >>> x = 1e4 + jnp.array([[-1.0], [1.0]])                   # E[x^2] - E[x]^2 loses it
+    >>> params, state = f.init(None, x)
+    >>> state["batch_norm/~/var_ema"]["average"].tolist(), hk.transform_with_state(forward).init(None, x)[1][
+    ...     "batch_norm/~/var_ema"]["average"].tolist()
+    ([[1.0]], [[0.0]])
+    """
+    check_overrides(overrides, _CONVERT_ARGS, "jaxbn.haiku.convert")
+    overrides = dict(overrides)
+    if "axis_name" in overrides:
+        if "cross_replica_axis" in overrides:
+            raise TypeError("jaxbn.haiku.convert takes axis_name or cross_replica_axis (the same setting), not both")
+        overrides["cross_replica_axis"] = overrides.pop("axis_name")
+    if "strategy" in overrides:
+        check_strategy(overrides["strategy"])
+    first = FirstUse("haiku.BatchNorm", "jaxbn.haiku.convert")
+
+    @functools.wraps(forward)
+    def converted(*args: Any, **kwargs: Any) -> Any:
+        layers: list[str] = []
+        with hk.intercept_methods(functools.partial(_converted_call, overrides, layers)):
+            out = forward(*args, **kwargs)
+        first.done(len(layers))
+        return out
+
+    return converted

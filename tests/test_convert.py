@@ -11,6 +11,8 @@ programs each.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,12 +37,12 @@ def numpy_init(init, *args, seed=0):
     tree = jax.eval_shape(init, jax.random.key(0), *args)
 
     def fill(path, leaf):
-        name = jax.tree_util.keystr(path[-1:])
-        if "kernel" in name or name.endswith("w']"):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if keys[-1] in ("kernel", "w"):
             fan_in = int(np.prod(leaf.shape[:-1]))
             return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
-        value = 1.0 if ("scale" in name or "var" in name) else 0.0
-        return np.full(leaf.shape, value, leaf.dtype)
+        one = keys[-1] in ("scale", "var") or (keys[-1] == "average" and keys[-2].endswith("var_ema"))
+        return np.full(leaf.shape, 1.0 if one else 0.0, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, tree)
 
@@ -271,3 +273,97 @@ def test_linen_overrides_and_no_batch_norm(small):
     _, updates = jaxbn.linen.convert(model.apply, momentum=0.0)(variables, x, mutable=["batch_stats"])
     mean, _, _ = ref.moments(_dense(variables["params"]["Dense_0"], x))
     np.testing.assert_allclose(updates["batch_stats"]["BatchNorm_0"]["mean"], mean, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- Haiku
+
+hk = pytest.importorskip("haiku")
+import jaxbn.haiku  # noqa: E402
+
+
+def _resnet_forward(x, is_training):
+    """hk.nets.ResNet18, unedited; returns the logits and the input of its first batch norm."""
+    seen = []
+
+    def record(next_f, args, kwargs, context):
+        if context.method_name == "__call__" and context.module.module_name.endswith("initial_batchnorm"):
+            seen.append(args[0])
+        return next_f(*args, **kwargs)
+
+    with hk.intercept_methods(record):
+        logits = hk.nets.ResNet18(3)(x, is_training)
+    return logits, seen[0]
+
+
+@pytest.fixture(scope="module")
+def haiku_resnet():
+    x = ref.normal(3, (4, 16, 16, 3)) * 3.0 + 5.0
+    theirs = hk.transform_with_state(_resnet_forward)
+    ours = hk.transform_with_state(jaxbn.haiku.convert(_resnet_forward))
+    with jax.numpy_dtype_promotion("standard"):  # haiku's own EMA (decay ** counter) needs it
+        params, state = numpy_init(lambda key, x: theirs.init(key, x, True), x)
+    return theirs, ours, params, state, x
+
+
+def test_haiku_resnet18_converted(haiku_resnet):
+    """hk.nets.ResNet18: the same params and state trees; a training step's statistics against float64; the
+    state after it loads into haiku's own model (same eval outputs); freeze keeps the statistics fixed."""
+    theirs, ours, params, state, x = haiku_resnet
+    assert shapes(jax.eval_shape(lambda k, x: ours.init(k, x, True), jax.random.key(0), x)) == shapes((params, state))
+    step = jax.jit(lambda p, s, x: ours.apply(p, s, None, x, True))
+    (_, first_input), new_state = step(params, state, x)
+    assert shapes(new_state) == shapes(state)
+    name = "res_net18/~/initial_batchnorm"
+    mean, var, _ = ref.moments(first_input)
+    # haiku's zero-debiased EMA: the first update's average is the batch's value itself.
+    np.testing.assert_allclose(new_state[name + "/~/mean_ema"]["average"].ravel(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_state[name + "/~/var_ema"]["average"].ravel(), var, rtol=1e-4)
+    assert int(new_state[name + "/~/var_ema"]["counter"]) == 1
+
+    evaluate = jax.jit(lambda f, p, s, x: f.apply(p, s, None, x, False)[0][0], static_argnums=0)
+    with jax.numpy_dtype_promotion("standard"):
+        haiku_logits = evaluate(theirs, params, new_state, x)  # haiku's own layers on the converted state
+    np.testing.assert_allclose(evaluate(ours, params, new_state, x), haiku_logits, rtol=1e-4, atol=1e-4)
+
+    frozen = hk.transform_with_state(jaxbn.haiku.freeze(jaxbn.haiku.convert(_resnet_forward)))
+    _, kept = jax.jit(lambda p, s, x: frozen.apply(p, s, None, x, True))(params, new_state, x)
+    jax.tree.map(np.testing.assert_array_equal, kept, new_state)
+
+
+def test_haiku_sync_bn_mask_and_accumulate():
+    """axis_name under jax.vmap: the whole batch's statistics with a batch_mask; accumulation pools them."""
+
+    def forward(x):
+        return hk.BatchNorm(True, True, decay_rate=0.5)(x, is_training=True)
+
+    x = ref.normal(4, (4, 3, 2)) + 1e4  # 4 replicas of 3 examples, 2 features
+    mask = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 0, 1]], bool)
+    f = hk.transform_with_state(jaxbn.haiku.convert(forward, axis_name="i"))
+    params, state = hk.transform_with_state(jaxbn.haiku.convert(forward)).init(None, x[0])  # no axis to bind
+
+    def run(state, x, m):
+        with jaxbn.haiku.batch_mask(m):
+            return f.apply(params, state, None, x)[1]
+
+    step = jax.jit(jax.vmap(run, axis_name="i", in_axes=(None, 0, 0), out_axes=None))
+    new = step(state, x, mask)
+    mean, var, _ = ref.moments(x.reshape(-1, 2), mask=mask.reshape(-1, 1))
+    np.testing.assert_allclose(new["batch_norm/~/mean_ema"]["average"].ravel(), mean, rtol=1e-6)
+    np.testing.assert_allclose(new["batch_norm/~/var_ema"]["average"].ravel(), var, rtol=1e-4)
+
+    acc = jaxbn.haiku.accumulate(state)
+    acc = step(acc, x, mask)
+    committed = jaxbn.haiku.accumulate(jaxbn.haiku.commit_moments(acc), enable=False)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5), committed, new)
+
+
+def test_haiku_overrides_and_no_batch_norm():
+    with pytest.raises(TypeError, match="axis_nam"):
+        jaxbn.haiku.convert(lambda x: x, axis_nam="i")
+    with pytest.raises(TypeError, match="create_scale"):
+        jaxbn.haiku.convert(lambda x: x, create_scale=False)
+    with pytest.raises(TypeError, match="not both"):
+        jaxbn.haiku.convert(lambda x: x, axis_name="i", cross_replica_axis="i")
+    f = hk.transform(jaxbn.haiku.convert(lambda x: hk.Linear(2)(x)))
+    with pytest.warns(UserWarning, match="no haiku.BatchNorm found"):
+        f.init(jax.random.key(0), np.ones((2, 3), np.float32))
