@@ -69,9 +69,7 @@ def _layer_counts(name: str, mesh: Mesh, local: tuple[int, ...], rng: np.random.
     step = programs(layer)["train+grad"]
     d, r = P("batch"), P()
     fn = jax.shard_map(step, mesh=mesh, in_specs=(d, r, r, d), out_specs=(d, r, d, r), check_vma=False)
-    # What every step runs: a self-checked fallback (a conditional branch) runs only while the shift is far from
-    # the data (docs/sync.md); `python -m benchmarks collectives` reports those separately.
-    return hlo.count_collectives(fn, x, layer.params, layer.state, ct, where="outside")
+    return hlo.count_collectives(fn, x, layer.params, layer.state, ct)
 
 
 def layer_collectives_here(
@@ -173,8 +171,7 @@ def sync_bn_args(
 def sync_bn_table(impls: Sequence[str] = IMPLS, features: int = 256) -> list[dict[str, object]]:
     """One row per implementation for ALL of this process's devices: counts and bytes by kind.
 
-    `counts`/`bytes`: the collectives every step runs; `fallback_counts`: those
-    inside conditional branches, which run only when a self-check fails.
+    `counts`/`bytes`: every collective of the compiled step.
     """
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     args = sync_bn_args(mesh, features=features)
@@ -182,10 +179,8 @@ def sync_bn_table(impls: Sequence[str] = IMPLS, features: int = 256) -> list[dic
     for impl in impls:
         text = hlo.compiled_text(sync_bn_step(impl, mesh), *args)
         ops = hlo.parse_collectives(text)
-        counts, nbytes = hlo.summarize_collectives(ops, "outside")
-        fallback = hlo.summarize_collectives(ops, "branches")[0]
-        rows.append({"impl": impl, "devices": jax.device_count(), "counts": counts, "bytes": nbytes,
-                     "fallback_counts": fallback})
+        counts, nbytes = hlo.summarize_collectives(ops, "all")
+        rows.append({"impl": impl, "devices": jax.device_count(), "counts": counts, "bytes": nbytes})
     return rows
 
 
@@ -196,18 +191,15 @@ def table_in_subprocess(devices: int, impls: Sequence[str] = IMPLS) -> list[dict
 
 def format_table(rows: Sequence[dict[str, object]]) -> str:
     """A plain-text table of `sync_bn_table` rows."""
-    head = (f"{'implementation':<22}{'devices':>8}{'collectives':>13}  {'kinds':<48}{'bytes/device':>13}"
-            f"  {'fallback (only if a self-check fails)'}")
+    head = f"{'implementation':<22}{'devices':>8}{'collectives':>13}  {'kinds':<48}{'bytes/device':>13}"
     lines = [head, "-" * len(head)]
     for row in rows:
         counts: dict[str, int] = row["counts"]  # type: ignore[assignment]
         nbytes: dict[str, int] = row["bytes"]  # type: ignore[assignment]
         kinds = ", ".join(f"{c} {k} ({nbytes[k]} B)" for k, c in counts.items() if c)
-        fallback: dict[str, int] = row.get("fallback_counts") or {}  # type: ignore[assignment]
-        extra = ", ".join(f"+{c} {k}" for k, c in fallback.items() if c)
         lines.append(
             f"{row['impl']!s:<22}{row['devices']!s:>8}{sum(counts.values()):>13}  {kinds or '-':<48}"
-            f"{sum(nbytes.values()):>13}  {extra or '-'}"
+            f"{sum(nbytes.values()):>13}"
         )
     return "\n".join(lines)
 

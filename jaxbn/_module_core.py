@@ -71,8 +71,7 @@ class Options:
       renorm_d_max: the clip of renorm's d, >= 0 (checked when `renorm`).
       virtual_batch_size: ghost batch size (see `jaxbn._ghost`), or None.
       unbiased: store the unbiased batch variance.
-      strategy: how synchronized moments cross devices, and whether a
-        batch with no `axis_name` sums about the running mean ("psum"; see
+      strategy: how synchronized moments cross devices (see
         `jaxbn.moments`).
 
     Raises:

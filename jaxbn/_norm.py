@@ -145,8 +145,7 @@ class _Prepared:
         lay = self.lay
         if jnp.iscomplexobj(self.x):  # plain autodiff through the moments
             check_trainable(self.x.shape, lay.axis, lay.reduced_size, axis_name)
-            n, mean, var = moments_keepdims(self.x, lay.reduced_axes, self.mask, axis_name, groups, strategy,
-                                            self.shift())
+            n, mean, var = moments_keepdims(self.x, lay.reduced_axes, self.mask, axis_name, groups, strategy)
             mul = lax.rsqrt(var + epsilon)
             if self.scale is not None:
                 mul = _scaled(mul, jnp.reshape(self.scale, lay.keep_shape))
@@ -168,12 +167,8 @@ class _Prepared:
         # No tangent enters the moments' collective (an invariant all_gather
         # under shard_map has no eager transpose): the kernel's rule covers them.
         n, mean, var = moments_keepdims(lax.stop_gradient(self.x), self.lay.reduced_axes, self.mask,
-                                        axis_name, groups, strategy, self.shift())
+                                        axis_name, groups, strategy)
         return over, n, mean, var
-
-    def shift(self) -> jax.Array | None:
-        """The running mean (keepdims): the value synchronized moments sum about, the same on every device."""
-        return jnp.reshape(self.stats.mean, self.lay.keep_shape) if self.running else None
 
     def updated(
         self, n: jax.Array, mean: jax.Array, var: jax.Array, momentum: float | None, unbiased: bool

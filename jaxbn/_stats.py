@@ -11,35 +11,29 @@ Because M2 >= sum over the p valid pilot entries of |x_i - mean|^2 >= p |K - mea
 S2 / M2 <= 1 + n / p: the pilot is taken dense enough that n / p <= 1024
 (and spread over >= 8 positions of every reduced axis), so without a mask the
 variance is within ~2.5e-4 relative whatever the data (E[x^2] - E[x]^2 has
-no such bound: float32 1e4 + N(0, 1) loses every digit).
+no such bound: float32 1e4 + N(0, 1) loses every digit). A mask can hide
+the pilot, so with a mask a second pass about the first one's mean always
+follows: no branch, one more read of `x`.
 
-A mask can hide most or all of the pilot. Then the pass checks its own
-bound: if any feature's S2 exceeds `_CANCELLATION * M2`, a second pass
-about the mean just found (now inside the data) replaces the sums. It runs
-only when needed (`lax.cond`), so the one-pass speed stays for every batch
-whose pilot was good.
+Across parts (devices under `axis_name`; under `jax.jit`, slices of the batch
+that no shard boundary crosses) each part's `(n_i, mean_i, M2_i)` is combined
+with ONE collective and no data-dependent control flow:
 
-Across devices (`axis_name`), strategy "auto" = "psum" (`shifted_moments`):
-every device sums about the same shift (the running mean passed in, 0 in
-`moments`), so the sums add up and the forward combination is ONE all-reduce;
-a check on the reduced values (identical on every device) runs a second pass
-about the mean when the bound above fails, or Chan's combination of the
-per-device moments when the shift was not the same on every device. Without
-`axis_name` the same shifted sums serve a batch whose type says it is
-sharded along a reduced axis (`jax.jit` over a mesh with Explicit axes),
-any batch under `jax.set_mesh` of a mesh with Auto axes (whose types say
-nothing), and `strategy="psum"`: the pilot would cost XLA's partitioner an
-all-reduce of its own there. Otherwise one device keeps the pilot, which
-needs no branch.
-Strategy "gather" all-gathers the per-device triples `(n_i, mean_i, M2_i)`
-and combines them with Chan et al.'s parallel formula (`chan_combine`)::
+* "auto"/"psum": one all-reduce of float64 `[n_i, n_i d_i, M2_i + n_i |d_i|^2]`
+  (`d_i` the part's mean with its low bits): N = sum n_i, mean = S1 / N,
+  M2 = S2 - |S1|^2 / N, with an error ~2^-53 (1 + mean^2 / var);
+* "gather" (and "auto" on TPU, which all-reduces no float64): one all-gather
+  of every part's `(n_i, mean_i, M2_i)`, combined by Chan et al.'s formula
+  (`chan_combine`)::
 
-    N = sum n_i,  mean = sum n_i mean_i / N,
-    M2 = sum M2_i + sum n_i |mean_i - mean|^2
+      N = sum n_i,  mean = sum n_i mean_i / N,
+      M2 = sum M2_i + sum n_i |mean_i - mean|^2
 
-Counts are summed in integers, on each device and across devices; the
-float32 `count` that callers see is the exact count rounded once (exact up
-to 2^24 valid entries per feature, within 2^-24 relative above).
+No part needs a shift shared with the others, so the running mean plays no
+part: NaN, inf or different on each device, the statistics are the same.
+Counts are summed in integers on each part, and in float64 (exact to 2^53)
+across parts; the float32 `count` that callers see is the exact count
+rounded once (exact up to 2^24 valid entries per feature).
 """
 
 from __future__ import annotations
@@ -64,7 +58,7 @@ from jaxbn._checks import (
 )
 from jaxbn._layout import Layout
 from jaxbn._running import Moments, stats_dtype
-from jaxbn._xla import separate_converts, spelled_apart, typed_spec
+from jaxbn._xla import separate_converts, spelled_apart, typed_spec, wide_collectives
 
 _PILOT = 8
 _PILOT_DENSITY = 1024
@@ -92,14 +86,6 @@ def _count_int(mask: jax.Array | None, shape: Sequence[int], red: Sequence[int])
     summed = tuple(a for a in red if mask.shape[a] != 1)
     implicit = math.prod(shape[a] for a in red if mask.shape[a] == 1)
     return jnp.sum(mask, axis=summed, keepdims=True, dtype=jnp.int32) * implicit
-
-
-def _count(mask: jax.Array | None, shape: Sequence[int], red: Sequence[int]) -> jax.Array:
-    """`_count_int` as float32 (keepdims over `red`): the nearest float32 to the exact count."""
-    n = _count_int(mask, shape, red)
-    if isinstance(n, int):
-        return jnp.full((1,) * len(shape), float(n), jnp.float32)
-    return n.astype(jnp.float32)
 
 
 def _pilot_slice(shape: tuple[int, ...], red: tuple[int, ...]) -> tuple[slice, ...]:
@@ -153,53 +139,48 @@ def _shifted_sums(
     return jnp.sum(d1, axis=red, keepdims=True), jnp.sum(_abs_sq(d2), axis=red, keepdims=True)
 
 
-#: With a mask, a first pass whose shift K lies more than sqrt(_CANCELLATION) standard deviations
-#: from the mean (sum |x - K|^2 > _CANCELLATION * M2) is redone about the mean it found. Below that
-#: the float32 cancellation error of M2 = S2 - S1^2 / n is at most ~_CANCELLATION * 2^-24 ~ 6e-5.
-_CANCELLATION = 1024.0
+def _moments_about(
+    x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, shift: jax.Array, safe_n: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean, mean_lo, M2) from the sums about `shift`: mean = K + S1 / n, M2 = S2 - |S1|^2 / n."""
+    s1, s2 = _shifted_sums(x, red, mask, shift)
+    delta = s1 / safe_n.astype(s1.dtype)
+    mean = shift + delta
+    return mean, (shift - mean) + delta, jnp.maximum(s2 - _abs_sq(s1) / safe_n, 0.0)
 
 
 def local_moments(
     x: jax.Array, red: tuple[int, ...], mask: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array | int, jax.Array, jax.Array, jax.Array]:
     """(n, mean, mean_lo, M2) of `x` over the axes `red` on this device, keepdims.
 
-    One pass of shifted sums about the pilot shift; with a mask, a second
-    pass about the mean when the first one's error bound failed (module
-    docstring). Under `vmap` with a per-example mask JAX evaluates both
-    branches of that `lax.cond`.
+    One pass of shifted sums about the pilot shift. A mask may hide the
+    pilot, so with a mask a second pass about the first one's mean always
+    follows (one more read of `x`, no branch): that mean lies within
+    ~2^-24 sqrt(S2 / n) of the true one, inside the data.
 
     The mean is returned as `mean + mean_lo` (`mean` the rounded value,
     `mean_lo` the few bits below its last place that the shifted sums know):
     at large offsets (1e6 in float32, ulp 0.0625) the cross-device
-    combination needs them. `n` and `M2` are float32 (or wider); features
+    combination needs them. `n` is the exact count (`_count_int`: a Python
+    int without a mask, else int32); `M2` is float32 (or wider). Features
     with n == 0 get mean 0 and M2 0.
     """
     dt = stats_dtype(x.dtype)
-    n = _count(mask, x.shape, red)
-    safe_n = jnp.maximum(n, 1.0).astype(_real(dt))
-
-    def moments_about(shift: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        s1, s2 = _shifted_sums(x, red, mask, shift)
-        delta = s1 / safe_n.astype(s1.dtype)
-        mean = shift + delta
-        return mean, (shift - mean) + delta, jnp.maximum(s2 - _abs_sq(s1) / safe_n, 0.0)
-
-    def cancelled(shift: jax.Array, mean: jax.Array, m2: jax.Array) -> jax.Array:
-        # S2 = M2 + n |mean - K|^2 exactly, so this is the pass's own S2 / M2 test.
-        return jnp.any(m2 + n.astype(m2.dtype) * _abs_sq(mean - shift) > _CANCELLATION * m2)
-
-    shift = _pilot_shift(x, red, mask, dt)
-    mean, lo, m2 = moments_about(shift)
-    if mask is not None:
-        mean, lo, m2 = lax.cond(
-            cancelled(shift, mean, m2),
-            lambda: moments_about(lax.stop_gradient(mean)),
-            lambda: (mean, lo, m2),
-        )
+    n = _count_int(mask, x.shape, red)
+    safe_n = jnp.maximum(jnp.asarray(n, jnp.float32), 1.0).astype(_real(dt))
+    mean, lo, m2 = _moments_about(x, red, mask, _pilot_shift(x, red, mask, dt), safe_n)
+    if mask is None:
+        return n, mean, lo, m2
+    mean, lo, m2 = _moments_about(x, red, mask, lax.stop_gradient(mean), safe_n)
     valid = n > 0
     zero = jnp.zeros((), dt)
-    return jnp.broadcast_to(n.astype(m2.dtype), m2.shape), jnp.where(valid, mean, zero), jnp.where(valid, lo, zero), m2
+    return n, jnp.where(valid, mean, zero), jnp.where(valid, lo, zero), m2
+
+
+def _as_float_count(n: jax.Array | int, like: jax.Array) -> jax.Array:
+    """An exact count in `like`'s (real) dtype, rounded once, of its shape."""
+    return jnp.broadcast_to(jnp.asarray(n, like.dtype), like.shape)
 
 
 def chan_combine(
@@ -295,248 +276,137 @@ def _all_gather(packed: jax.Array, axis_name: AxisName, axis_index_groups: AxisI
     return lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
 
 
-#: Counts cross devices as two float32 limbs (`n // _LIMB`, `n % _LIMB`): each limb's sum is an
-#: integer below 2^24, so exact, up to 2^36 entries in all and 4096 participants.
-_LIMB = 4096
-
-
-def _fold(
-    term: Callable[[int, int], jax.Array],
-    size: int,
-    op: Callable[[jax.Array, jax.Array], jax.Array],
-    neutral: jax.typing.ArrayLike,
-) -> jax.Array:
-    """`op`-reduction to a scalar of the vector whose entries `lo:hi` are `term(lo, hi)`: no reduce instruction.
-
-    A reduce of a small vector is a kernel of its own (two on XLA's CPU
-    backend, which splits it into a tree); slices combined elementwise are
-    work that XLA fuses into one kernel. The terms are formed from slices of
-    their inputs, eight entries at a time, never sliced out of one computed
-    vector: XLA writes out a vector that several slices read (one more
-    kernel). `op` must be associative and commutative (add modulo 2^32,
-    max); `neutral` pads the last slice.
-    """
-    width = max(1, min(_FOLD, size))
-    acc = None
-    for lo in range(0, size, width):
-        hi = min(lo + width, size)
-        t = term(lo, hi)
-        if hi - lo < width:
-            t = jnp.concatenate([t, jnp.full((width - (hi - lo),), neutral, t.dtype)])
-        acc = t if acc is None else op(acc, t)
-    if acc is None:
-        return jnp.asarray(neutral)
-    while acc.shape[0] > 1:
-        width = -(-acc.shape[0] // _FOLD)
-        if width * _FOLD != acc.shape[0]:
-            acc = jnp.concatenate([acc, jnp.full((width * _FOLD - acc.shape[0],), neutral, acc.dtype)])
-        v, acc = acc, acc[:width]
-        for j in range(1, _FOLD):
-            acc = op(acc, v[j * width:(j + 1) * width])
-    return acc[0]
-
-
-#: `_fold`'s fan-in: few levels, so that XLA fuses them all into one kernel.
-_FOLD = 8
-
-
-def _fingerprint(k: jax.Array) -> jax.Array:
-    """32 bits (float32 0 or 1) of a hash of the bit pattern of `k`: equal arrays give equal bits.
-
-    `sum_f bits(k_f) * m_f mod 2^32` with odd multipliers `m_f`: arrays that
-    differ in one element always differ here, others with chance ~2^-32.
-    Summed by slices of `k` (`_fold`), so the whole hash is one small
-    kernel. A float64 `k` (jax x64) hashes its two 32-bit words per element.
-    """
-    parts = [k.real, k.imag] if jnp.iscomplexobj(k) else [k]
-    flat = jnp.concatenate([jnp.ravel(p) for p in parts])
-    if flat.dtype.itemsize != 4:  # 32-bit words first: a 64-bit bitcast adds an axis
-        flat = jnp.ravel(lax.bitcast_convert_type(flat, jnp.uint32))
-    i = np.arange(flat.size, dtype=np.uint64)
-    mult = ((i * 0x9E3779B1 + 0x7F4A7C15) % 2**32 | 1).astype(np.uint32)
-
-    def term(lo: int, hi: int) -> jax.Array:
-        return lax.bitcast_convert_type(flat[lo:hi], jnp.uint32) * mult[lo:hi]
-
-    h = _fold(term, flat.size, jnp.add, jnp.uint32(0))
-    return ((h >> lax.iota(jnp.uint32, 32)) & jnp.uint32(1)).astype(jnp.float32)
-
-
-def _typed_sharded(x: jax.Array, red: tuple[int, ...]) -> bool:
-    """Whether `x`'s type says it is sharded along a reduced axis (a mesh with Explicit axes)."""
-    spec = typed_spec(x)
-    return spec is not None and any(a < len(spec) and spec[a] is not None for a in red)
-
-
-def _context_mesh_shards() -> bool:
-    """Whether `jax.set_mesh` put a mesh with an Auto axis of size > 1 in context.
-
-    Under `jax.jit` over such a mesh a batch's type says nothing of how it is
-    sharded: the partitioner may split it across devices, and then a shift
-    taken from a slice of the batch would cost an all-reduce of its own.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return False
-    auto = jax.sharding.AxisType.Auto
-    return any(n > 1 and t == auto for n, t in zip(mesh.axis_sizes, mesh.axis_types, strict=True))
-
-
-def _known_shared(x: jax.Array, shift: jax.Array, axis_name: AxisName) -> bool:
-    """Whether `shift` is typed replicated over `axis_name` (shard_map's manual axes, x typed varying)."""
-    if not _is_varying(x, axis_name):
-        return False  # no type information (pmap, vmap, shard_map without check_vma)
-    aval = jax.typeof(shift)
-    varying = getattr(getattr(aval, "mat", None), "varying", None)
-    if varying is None:
-        varying = getattr(aval, "vma", None) or frozenset()
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    return not any(n in varying for n in names)
-
-
-def shifted_moments(
-    x: jax.Array,
-    red: tuple[int, ...],
-    mask: jax.Array | None,
-    axis_name: AxisName,
-    axis_index_groups: AxisIndexGroups,
-    shift: jax.Array | None,
+def _wide_combine(
+    n: jax.Array | int, mean: jax.Array, lo: jax.Array, m2: jax.Array,
+    total: Callable[[jax.Array], jax.Array], parts: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(N, mean, biased var) over `red` (and the devices of `axis_name`), keepdims: one pass when the shift is good.
+    """(N, mean, biased var) of the union of parts: ONE call of `total` on float64 sums about 0.
 
-    Every device sums about the same shift `K` (`shift`, e.g. the running
-    mean; 0 if None), so the sums add up across devices: one all-reduce of
-    `(S1, S2)`, plus the count in integer limbs if there is a mask, plus a
-    fingerprint of `K` when nothing proves it is the same on every device.
-    Without `axis_name` there is no all-reduce (and on a batch sharded under
-    `jax.jit` the reductions' own all-reduce is the only one: `K` needs
-    none). From the reduced values, identical on every device:
+    Each part contributes `[n_i, n_i d_i, M2_i + n_i |d_i|^2]` with `d_i` its
+    mean (plus its low bits), in float64; `total` sums the stacked values over
+    the parts (an all-reduce, or a reduction over a sharded axis), and::
 
-    * `K` differed between devices (fingerprint bits not all 0 or all 1):
-      the local moments about each device's own pilot, combined by Chan's
-      formula (two more all-reduces);
-    * `S2 > _CANCELLATION * M2` for some feature (K far from the mean): the
-      sums again about the mean just found (one more pass, one more
-      all-reduce);
-    * otherwise (the common case) nothing more.
+        N = sum n_i,  mean = S1 / N,  M2 = S2 - |S1|^2 / N
 
-    The sums cross devices as the operands of one all-reduce (nothing packs
-    them first). The common branch returns them untouched, so on the common
-    path the branch costs only its index and the conditional; the mean and
-    variance are formed after it, in the kernels that use them.
+    cancels only what float64 holds: the error is ~2^-53 (1 + mean^2 / var)
+    relative, 1e-4 at an offset of 1e6 standard deviations. Nothing needs a
+    shift shared by the parts, so any running mean (NaN, inf, different per
+    device) changes nothing. A Python-int `n` (no mask: every part the same,
+    known when tracing) is not summed: N = n * parts.
     """
-    dt = stats_dtype(x.dtype)
-    synced = axis_name is not None
-    size = axis_size(axis_name, axis_index_groups) if synced else 1
-    kshape = tuple(1 if a in red else d for a, d in enumerate(x.shape))
-    if shift is None:
-        k = jnp.zeros(kshape, dt)
-        check_shared = False
+    dt, rdt = mean.dtype, m2.dtype
+    cplx = jnp.iscomplexobj(mean)
+    with jax.enable_x64(True):
+        wide, wide_c = np.dtype(np.float64), np.dtype(np.complex128 if cplx else np.float64)
+        n64 = jnp.asarray(n, wide)
+        d = mean.astype(wide_c) + lo.astype(wide_c)
+        rows = [*_pack(n64.astype(wide_c) * d), m2.astype(wide) + n64 * _abs_sq(d)]
+        counted = not isinstance(n, int)
+        if counted:
+            rows.insert(0, jnp.broadcast_to(n64, m2.shape))
+        r = total(jnp.stack([jnp.broadcast_to(v, m2.shape) for v in rows]))
+        big_n = r[0] if counted else jnp.full(r.shape[1:], float(n * parts), wide)
+        s = r[1:] if counted else r
+        safe_n = jnp.maximum(big_n, 1.0)
+        s1 = _unpack(list(s[:-1]), cplx)
+        gmean = s1 / safe_n.astype(s1.dtype)
+        var = jnp.maximum(s[-1] - _abs_sq(s1) / safe_n, 0.0) / safe_n
+        return big_n.astype(rdt), gmean.astype(dt), var.astype(rdt)
+
+
+def _chan_parts(
+    n: jax.Array | int, mean: jax.Array, lo: jax.Array, m2: jax.Array,
+    total: Callable[[list[jax.Array]], list[jax.Array]],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(N, mean, biased var) of the union of parts by Chan's formula in the statistics dtype (two `total` calls)."""
+    big_n, gmean, gm2 = chan_combine(_as_float_count(n, m2), mean, m2, total, mean_lo=lo)
+    return big_n, gmean, gm2 / jnp.maximum(big_n, 1.0)
+
+
+def _psum(axis_name: AxisName, axis_index_groups: AxisIndexGroups) -> Callable[[jax.Array], jax.Array]:
+    return lambda v: lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+
+
+def synced_moments(
+    x: jax.Array, red: tuple[int, ...], mask: jax.Array | None,
+    axis_name: AxisName, axis_index_groups: AxisIndexGroups, strategy: Strategy,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(N, mean, biased var) over `red` and the devices of `axis_name`, keepdims: one collective.
+
+    "psum" (and "auto" where the backend all-reduces float64): local moments,
+    then one all-reduce of float64 sums (`_wide_combine`). "gather" (and
+    "auto" on TPU): one all-gather of the per-device moments, then Chan's
+    formula. "psum" on TPU: Chan's formula through two float32 all-reduces.
+    """
+    n, mean, lo, m2 = local_moments(x, red, mask)
+    if strategy == "gather" or (strategy == "auto" and not wide_collectives()):
+        big_n, gmean, gm2 = gathered_moments(_as_float_count(n, m2), mean, lo, m2, axis_name, axis_index_groups)
+        return big_n, gmean, gm2 / jnp.maximum(big_n, 1.0)
+    psum = _psum(axis_name, axis_index_groups)
+    if wide_collectives():
+        return _wide_combine(n, mean, lo, m2, psum, axis_size(axis_name, axis_index_groups))
+    return _chan_parts(n, mean, lo, m2, lambda vs: list(psum(jnp.stack(vs))))
+
+
+def _batch_parts(x: jax.Array, red: tuple[int, ...]) -> tuple[int, int]:
+    """(axis, parts): how to split a reduced axis into parts that no device boundary crosses.
+
+    Under `jax.jit` a batch may be sharded across devices. Moments taken
+    per part, each about its own pilot, need no collective; combining the
+    parts is one reduction over a (sharded) axis, which XLA's partitioner
+    turns into one all-reduce. A type with Explicit mesh axes says which
+    reduced axis is sharded and how many ways; otherwise (Auto axes, or no
+    mesh at all: `in_shardings`, `device_put`) the parts are as many as the
+    mesh in context, or the devices, have (as far as the axis divides).
+    A multiple of the shard count is as good as the count itself.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    explicit = jax.sharding.AxisType.Explicit
+    if mesh is not None and not mesh.empty and explicit in mesh.axis_types:
+        spec = typed_spec(x) or ()
+        for a in red:
+            names = spec[a] if a < len(spec) else None
+            if names is not None:
+                names = names if isinstance(names, tuple) else (names,)
+                return a, math.prod(mesh.shape[nm] for nm in names)
+        return (red[0] if red else 0), 1
+    context = jax.sharding.get_abstract_mesh()
+    if context.empty:
+        devices = jax.device_count()
     else:
-        k = lax.stop_gradient(shift)
-        if jnp.iscomplexobj(k) and not jnp.issubdtype(dt, jnp.complexfloating):
-            k = k.real
-        k = jnp.broadcast_to(k.astype(dt), kshape)
-        check_shared = synced and not _known_shared(x, k, axis_name)
-    cplx = jnp.iscomplexobj(k)
-    k_ = 2 if cplx else 1
+        manual = jax.sharding.AxisType.Manual
+        devices = math.prod(s for s, t in zip(context.axis_sizes, context.axis_types, strict=True) if t != manual)
+    size = x.shape[red[0]] if red else 0
+    return (red[0] if red else 0), math.gcd(size, devices) if size else 1
 
-    def reduced(parts: list[jax.Array]) -> list[jax.Array]:
-        """The sums of `parts` over the devices: ONE all-reduce (of several operands, no packing kernel)."""
-        if not synced:
-            return list(parts)
-        dt_all = np.result_type(*(p.dtype for p in parts))  # one dtype under jax x64 too
-        out = lax.psum(tuple(p.astype(dt_all) for p in parts), axis_name, axis_index_groups=axis_index_groups)
-        return [o.astype(p.dtype) for o, p in zip(out, parts, strict=True)]
 
-    s1, s2 = _shifted_sums(x, red, mask, k)
-    parts = [*_pack(s1), s2]
-    n_local = _count_int(mask, x.shape, red)
-    if synced and not isinstance(n_local, int):
-        parts += [(n_local // _LIMB).astype(jnp.float32), (n_local % _LIMB).astype(jnp.float32)]
-    if check_shared:
-        parts.append(_fingerprint(k))
-    rdt = _real(dt)
+def _split(v: jax.Array, axis: int, parts: int) -> jax.Array:
+    """`v` with `axis` split into (parts, size / parts) (a size-1 axis into (1, 1))."""
+    inner = v.shape[axis] // parts if v.shape[axis] != 1 else 1
+    outer = parts if v.shape[axis] != 1 else 1
+    return v.reshape(*v.shape[:axis], outer, inner, *v.shape[axis + 1:])
 
-    def count(r: Sequence[jax.Array]) -> jax.Array:
-        """N (float32, keepdims) from the reduced values `r`: exact, rounded once."""
-        if isinstance(n_local, int):
-            return jnp.full((1,) * x.ndim, float(n_local * size), jnp.float32)
-        if not synced:
-            return n_local.astype(jnp.float32)
-        hi, lo = r[k_ + 1:k_ + 3]
-        return hi * float(_LIMB) + lo
 
-    def inv_count(r: Sequence[jax.Array]) -> jax.Array:
-        if isinstance(n_local, int):  # a constant: the mean and variance are multiplies XLA fuses anywhere
-            return jnp.asarray(1.0 / max(n_local * size, 1), rdt)
-        return 1.0 / jnp.maximum(count(r), 1.0).astype(rdt)
-
-    def about(center: jax.Array, t1: jax.Array, t2: jax.Array, inv_n: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(mean, M2) from the sums about `center`: M2 = S2 - |S1|^2 / N."""
-        return center + t1 * inv_n.astype(t1.dtype), t2 - _abs_sq(t1) * inv_n
-
-    # Each branch maps the reduced values to values of the same form: the kept sums
-    # about K as they are (no kernel at all), or else (mean, -M2) in the place of (S1, S2).
-    # The sign bit tells them apart (S2 >= 0; -M2 is -0.0 or below), so nothing after
-    # the branch reads the index: XLA would re-compute it there from t, whose buffers r reuses.
-    def _flagged(m2: jax.Array) -> jax.Array:
-        return -jnp.maximum(m2, 0.0)
-
-    def keep(*r: jax.Array) -> tuple[jax.Array, ...]:
-        return r
-
-    def recentre(*r: jax.Array) -> tuple[jax.Array, ...]:
-        inv_n = inv_count(r)
-        g = lax.stop_gradient(about(k, _unpack(r[:k_], cplx), r[k_], inv_n)[0])
-        t1, t2 = _shifted_sums(x, red, mask, g)
-        u = reduced([*_pack(t1), t2])
-        mean, m2 = about(g, _unpack(u[:k_], cplx), u[k_], inv_n)
-        return (*_pack(mean), _flagged(m2), *r[k_ + 1:])
-
-    def chan(*r: jax.Array) -> tuple[jax.Array, ...]:
-        n_i, mean_i, lo_i, m2_i = local_moments(x, red, mask)
-
-        def psum_packed(vs: list[jax.Array]) -> list[jax.Array]:
-            return list(lax.psum(jnp.stack(vs), axis_name, axis_index_groups=axis_index_groups))
-
-        _, gmean, gm2 = chan_combine(n_i, mean_i, m2_i, psum_packed, mean_lo=lo_i)
-        return (*_pack(gmean.astype(dt)), _flagged(gm2.astype(rdt)), *r[k_ + 1:])
-
-    # The branch to take, from reduced values only (the same on every device): 1 where the
-    # cancellation bound fails for some feature, 2 where the shift differed. Sums about K:
-    # S2 = M2 + N |mean - K|^2, and M2 = S2 - |S1|^2 / N loses about 2^-24 * S2 to
-    # cancellation, so the bound S2 <= C * M2 keeps it within C * 2^-24. Codes per feature
-    # (and per fingerprint bit), folded from slices of the reduced values (`_fold`).
-    t = reduced(parts)
-    flat = [jnp.ravel(jnp.broadcast_to(v, kshape)) for v in t[:k_ + 1]]
-    inv_flat = jnp.ravel(jnp.broadcast_to(inv_count(t), kshape))
-
-    def cancelled(lo: int, hi: int) -> jax.Array:
-        t1, t2 = _unpack([v[lo:hi] for v in flat[:k_]], cplx), flat[k_][lo:hi]
-        return (_CANCELLATION * (t2 - _abs_sq(t1) * inv_flat[lo:hi]) < t2).astype(jnp.int32)
-
-    index = _fold(cancelled, flat[k_].size, jnp.maximum, 0)
-    branches = [keep, recentre]
-    if check_shared:
-        bits = t[-1]
-
-        def differ(lo: int, hi: int) -> jax.Array:
-            return jnp.where(bits[lo:hi] * (size - bits[lo:hi]) > 0, 2, 0).astype(jnp.int32)
-
-        index = jnp.maximum(index, _fold(differ, bits.size, jnp.maximum, 0))
-        branches.append(chan)
-    r = lax.switch(index, branches, *t)
-    inv_n = inv_count(r)
-    a, b = _unpack(r[:k_], cplx), r[k_]
-    kept = ~jnp.signbit(b)
-    mean_k, m2_k = about(k, a, b, inv_n)
-    mean, m2 = jnp.where(kept, mean_k, a), jnp.where(kept, m2_k, -b)
-    big_n = count(r)
-    var = jnp.maximum(m2, 0.0) * inv_n
-    if not isinstance(n_local, int):
-        mean = jnp.where(big_n > 0, mean, jnp.zeros((), dt))
-    return jnp.broadcast_to(big_n, var.shape), mean, var
+def sharded_moments(
+    x: jax.Array, red: tuple[int, ...], mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(N, mean, biased var) over `red`, keepdims, with no collective but the final reduction (`_batch_parts`)."""
+    axis, parts = _batch_parts(x, red)
+    if parts == 1:
+        n, mean, _, m2 = local_moments(x, red, mask)
+        big_n = _as_float_count(n, m2)
+        return big_n, mean, m2 / jnp.maximum(big_n, 1.0)
+    xs = _split(x, axis, parts)
+    ms = None if mask is None else _split(mask, axis, parts)
+    red_s = tuple(a + 1 if a >= axis else a for a in red)
+    n, mean, lo, m2 = local_moments(xs, red_s, ms)
+    kshape = tuple(1 if a in red else d for a, d in enumerate(x.shape))
+    if wide_collectives():
+        out = _wide_combine(n, mean, lo, m2, lambda v: jnp.sum(v, axis + 1), parts)
+    else:
+        out = _chan_parts(n, mean, lo, m2, lambda vs: [jnp.sum(v, axis, keepdims=True) for v in vs])
+    return tuple(jnp.reshape(v, kshape) for v in out)  # type: ignore[return-value]
 
 
 def gathered_moments(
@@ -566,31 +436,18 @@ def moments_keepdims(
     axis_name: AxisName = None,
     axis_index_groups: AxisIndexGroups = None,
     strategy: Strategy = "auto",
-    shift: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(count, mean, biased var) with reduced axes kept as size 1. Inputs pre-validated.
 
-    `shift` (keepdims, e.g. the running mean) is the value every device sums
-    about under `axis_name` with strategy "auto"/"psum" (`shifted_moments`),
-    and without `axis_name` on a batch typed sharded (or with "psum"); it
-    changes no result, only how often the exact fallback runs.
+    With `axis_name`: `synced_moments` (one collective). Without: the batch
+    in parts that no device boundary crosses (`sharded_moments`), so that
+    under `jax.jit` on a sharded batch the only collective is the final
+    reduction's all-reduce; on one device, one part.
     """
     check_strategy(strategy)
-    if axis_name is not None and strategy != "gather":
-        return shifted_moments(x, red, mask, axis_name, axis_index_groups, shift)
-    if axis_name is None and (
-        strategy == "psum" or (shift is not None and (_typed_sharded(x, red) or _context_mesh_shards()))
-    ):
-        # A batch sharded under jax.jit (by its type, or maybe: a mesh with Auto axes in context): the
-        # partitioner all-reduces every reduction over a sharded axis, the pilot's too. Sums about the
-        # shared shift need one all-reduce (and a branch).
-        return shifted_moments(x, red, mask, None, None, shift)
-    else:
-        n, mean, mean_lo, m2 = local_moments(x, red, mask)
-        if axis_name is not None:
-            n, mean, m2 = gathered_moments(n, mean, mean_lo, m2, axis_name, axis_index_groups)
-    var = m2 / jnp.maximum(n, 1.0)
-    return n, mean, var
+    if axis_name is not None:
+        return synced_moments(x, red, mask, axis_name, axis_index_groups, strategy)
+    return sharded_moments(x, red, mask)
 
 
 def moments(
@@ -618,13 +475,11 @@ def moments(
       axis_name: a name or tuple of names bound by `jax.pmap`,
         `jax.shard_map` or `jax.vmap(..., axis_name=...)` to reduce across.
       axis_index_groups: `jax.lax.psum`'s groups (under `pmap` only).
-      strategy: cross-device combination: "auto" or "psum" (one
-        all-reduce of sums about 0; a second one when the data's mean is
-        more than ~32 standard deviations from 0) or "gather" (one
-        all-gather of every device's moments). Same results. Without
-        `axis_name`, "psum" also sums about 0 (one all-reduce, from XLA's
-        partitioner, on a batch sharded under `jax.jit`) where "auto" and
-        "gather" first take a shift from a slice of the batch (no branch).
+      strategy: cross-device combination: "psum" (one all-reduce of
+        every device's moments as float64 sums), "gather" (one all-gather
+        of every device's moments, combined by Chan's formula) or "auto"
+        ("psum", or "gather" on TPU, whose collectives carry no float64).
+        Same results; no branch. Without `axis_name` it changes nothing.
 
     Returns:
       `Moments(mean, var, count)`, each of the feature shape. `count` is

@@ -12,7 +12,13 @@ writes it to memory for both readers, e.g. (bf16 input)::
 
 The functions below make the readers' expressions distinct values, so each
 reduction keeps its own fused convert/subtract and nothing full-size is
-written. They change no value.
+written. They change no value. They serve XLA's CPU backend only
+(`splits_sibling_reductions`): XLA:GPU's multi-output fusion computes
+sibling reductions of one value in one kernel, which a barrier would keep
+apart, so on every other backend the plain expressions run.
+
+`wide_collectives` says whether the backend all-reduces float64, which the
+cross-device statistics use.
 """
 
 from __future__ import annotations
@@ -21,6 +27,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import DTypeLike
+
+
+def splits_sibling_reductions() -> bool:
+    """Whether to keep sibling reductions' shared operands apart: on XLA's CPU backend only.
+
+    Measured there (docs/benchmark.md, "What each trick buys"): without them
+    the bfloat16 layer writes a full-size float32 copy of `x`.
+    """
+    return jax.default_backend() == "cpu"
+
+
+def wide_collectives() -> bool:
+    """Whether collectives may carry float64: not on TPU.
+
+    XLA:TPU has no float64 and rewrites 64-bit types away, but not in an
+    all-reduce (openxla/xla#26995: "rewriting is not implemented"), so there
+    the statistics cross devices in float32 (an all-gather, or Chan's
+    formula through two all-reduces).
+    """
+    return jax.default_backend() != "tpu"
 
 
 def separate_converts(x: jax.Array, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
@@ -32,6 +58,8 @@ def separate_converts(x: jax.Array, dtype: DTypeLike) -> tuple[jax.Array, jax.Ar
     """
     if x.dtype == jnp.dtype(dtype):
         return x, x
+    if not splits_sibling_reductions():
+        return x.astype(dtype), x.astype(dtype)
     a, b = lax.optimization_barrier((x, x))
     return a.astype(dtype), b.astype(dtype)
 
@@ -47,6 +75,8 @@ def spelled_apart(x: jax.Array, k: jax.Array) -> jax.Array:
     one shared broadcast is written out in full for the reductions that
     read it.
     """
+    if not splits_sibling_reductions():
+        return k - x
     return lax.optimization_barrier(k) - x
 
 
