@@ -38,11 +38,12 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 import jaxbn
 from jaxbn._accumulate import check_apply, combine_moments, empty_moments
 from jaxbn._checks import check_mask
+from jaxbn._convert import check_overrides, warn_no_layer
 from jaxbn._dtypes import output_dtype, promote
 from jaxbn._module_core import Options, forward
 from jaxbn._recompute import population_from_pool, precise_part
 
-__all__ = ["BatchNorm", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
+__all__ = ["BatchNorm", "accumulate", "commit_moments", "convert", "freeze", "recompute_batch_stats"]
 
 _MASK_HINT = "; BatchNorm sees one example (input_size, *spatial): map the mask with x under jax.vmap"
 
@@ -663,3 +664,70 @@ def _hashable(axis_name: Hashable | Sequence[Hashable]) -> Hashable:
     if isinstance(axis_name, Sequence) and not isinstance(axis_name, str):
         return tuple(axis_name)
     return axis_name
+
+
+# The fields a converted layer takes from equinox's as they are: its parameters and its places in the State.
+_HELD = ("weight", "bias", "ema_first_time_index", "ema_state_index", "batch_counter", "batch_state_index")
+# What the overrides may set: the settings that leave the parameters and the state's layout alone.
+_OVERRIDES = ("axis_name", "eps", "momentum", "inference")
+
+
+def _converted_layer(old: eqx.nn.BatchNorm, overrides: dict[str, object]) -> BatchNorm:
+    """A `jaxbn.equinox.BatchNorm` with `old`'s settings (and the overrides), parameters and state indices."""
+    settings = {"axis_name": old.axis_name, "eps": old.eps, "momentum": old.momentum, "inference": old.inference,
+                **overrides}
+    new = BatchNorm(old.input_size, settings.pop("axis_name"), channelwise_affine=old.channelwise_affine,
+                    mode=old.mode, **settings)  # type: ignore[arg-type]
+    return eqx.tree_at(lambda b: [getattr(b, n) for n in _HELD], new, [getattr(old, n) for n in _HELD],
+                       is_leaf=lambda v: v is None)
+
+
+def convert(model: object, **overrides: object) -> object:
+    """`model` with every `equinox.nn.BatchNorm` replaced by a `jaxbn.equinox.BatchNorm` on the same state.
+
+    PyTorch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` for Equinox: a new
+    model (`eqx.tree_at`-style; `model` is not modified) whose
+    `eqx.nn.BatchNorm` layers are `jaxbn.equinox.BatchNorm` layers with the
+    same settings, the same `weight` and `bias`, and the same state indices
+    (the same `StateIndex` markers), so they read and write the same entries
+    of the `eqx.nn.State` you already have: the state, the model's leaves
+    and `eqx.tree_serialise_leaves` checkpoints are unchanged. `overrides`
+    replace settings of every converted layer: `axis_name` (e.g. a tuple of
+    names for nested maps), `eps`, `momentum`, `inference`. The converted
+    layers are jaxbn's: `freeze`, `accumulate` / `commit_moments` and
+    `recompute_batch_stats` apply to the new model. A model with no
+    `eqx.nn.BatchNorm` comes back as it is, with a `UserWarning`.
+
+    Args:
+      model: a pytree of equinox modules (equinox 0.13's `BatchNorm` layout).
+      **overrides: `axis_name`, `eps`, `momentum` or `inference` for every
+        converted layer.
+
+    Returns:
+      The converted model.
+
+    Raises:
+      TypeError: an unknown override (or one that would change the
+        parameters or the state's layout: `mode`, `channelwise_affine`, ...).
+
+    >>> import jax, jax.numpy as jnp, equinox as eqx, jaxbn.equinox
+    >>> bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(1, "batch", momentum=0.5, mode="batch")
+    >>> ours = jaxbn.equinox.convert(bn)                     # equinox's state, as it is
+    >>> x = 1e4 + jnp.array([[-1.0], [1.0]])                 # two examples
+    >>> _, state = jax.vmap(ours, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+    >>> [v.tolist() for v in state.get(ours.batch_state_index)]
+    [[5000.0], [1.0]]
+    """
+    check_overrides(overrides, _OVERRIDES, "jaxbn.equinox.convert")
+    is_bn = lambda m: isinstance(m, eqx.nn.BatchNorm)  # noqa: E731
+    found = [m for m in jax.tree.leaves(model, is_leaf=is_bn) if is_bn(m)]
+    if not found:
+        warn_no_layer("equinox.nn.BatchNorm", "jaxbn.equinox.convert", f"in {type(model).__name__}")
+        return model
+    for layer in found:
+        if not hasattr(layer, "batch_state_index"):
+            raise TypeError(
+                "jaxbn.equinox.convert needs equinox 0.13's BatchNorm (fields ema_state_index, batch_state_index, "
+                f"mode); this equinox's layer has {sorted(vars(layer))}"
+            )
+    return jax.tree.map(lambda m: _converted_layer(m, overrides) if is_bn(m) else m, model, is_leaf=is_bn)

@@ -23,13 +23,14 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxbn._accumulate import combine_moments, empty_moments
 from jaxbn._accumulate import commit_moments as _commit
 from jaxbn._checks import AxisIndexGroups, AxisName, Strategy, check_mask
+from jaxbn._convert import check_overrides, warn_no_layer
 from jaxbn._dtypes import as_float
 from jaxbn._module_core import Options, forward
 from jaxbn._recompute import BatchMoments, batch_moments, population_stats
 from jaxbn._running import Moments, RunningStats
 from jaxbn._stats import moments as jaxbn_moments
 
-__all__ = ["BatchNorm", "PooledMoments", "accumulate", "commit_moments", "freeze", "recompute_batch_stats"]
+__all__ = ["BatchNorm", "PooledMoments", "accumulate", "commit_moments", "convert", "freeze", "recompute_batch_stats"]
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
@@ -456,3 +457,102 @@ def commit_moments(model: nnx.Module, *, apply: ArrayLike = True) -> None:
             layer.count[...] = new.count
         for name, value in zip(_POOL, emptied, strict=True):
             _assign(getattr(layer, name), value)
+
+
+# flax.nnx.BatchNorm's settings a converted layer keeps; the overrides may replace them (and set jaxbn's options).
+_NNX_SETTINGS = ("use_running_average", "axis", "momentum", "epsilon", "dtype", "param_dtype", "axis_name",
+                 "axis_index_groups", "use_fast_variance", "promote_dtype")
+_OVERRIDES = tuple(s for s in _NNX_SETTINGS if s != "param_dtype") + (
+    "renorm", "renorm_r_max", "renorm_d_max", "virtual_batch_size", "unbiased", "strategy")
+
+
+def _converted_layer(old: nnx.BatchNorm, overrides: Mapping[str, Any]) -> BatchNorm:
+    """A `jaxbn.nnx.BatchNorm` with `old`'s settings (and the overrides) holding `old`'s Variable objects."""
+    settings = {name: getattr(old, name) for name in _NNX_SETTINGS if hasattr(old, name)}
+    new = BatchNorm(old.num_features, **{**settings, **overrides}, use_scale=False, use_bias=False,
+                    rngs=nnx.Rngs(0))
+    new.mean, new.var = old.mean, old.var
+    new.scale, new.bias = old.scale, old.bias
+    new.use_scale, new.use_bias = old.use_scale, old.use_bias
+    return new
+
+
+def _swap(value: Any, make: Callable[[nnx.BatchNorm], BatchNorm], memo: dict[int, BatchNorm], seen: set[int]) -> Any:
+    """`value` with every `nnx.BatchNorm` in it replaced by `make(layer)` (once per layer: sharing is kept)."""
+    if isinstance(value, nnx.BatchNorm):
+        if id(value) not in memo:
+            memo[id(value)] = make(value)
+        return memo[id(value)]
+    if id(value) in seen or isinstance(value, nnx.Variable):
+        return value
+    if isinstance(value, nnx.Pytree):
+        seen.add(id(value))
+        for name, child in list(vars(value).items()):
+            if not name.startswith("_pytree__") and (new := _swap(child, make, memo, seen)) is not child:
+                setattr(value, name, new)
+    elif isinstance(value, list | dict):
+        seen.add(id(value))
+        for key, child in list(value.items() if isinstance(value, dict) else enumerate(value)):
+            if (new := _swap(child, make, memo, seen)) is not child:
+                value[key] = new
+    elif isinstance(value, tuple):
+        items = [_swap(child, make, memo, seen) for child in value]
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def convert(model: Any, **overrides: Any) -> Any:
+    """Replaces every `flax.nnx.BatchNorm` of `model` by a `jaxbn.nnx.BatchNorm` holding the same Variables, in place.
+
+    PyTorch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` for NNX: each
+    `nnx.BatchNorm` attribute of the model (in modules, `nnx.List`,
+    `nnx.Dict`, lists, dicts and tuples; a layer shared by several modules
+    stays shared) becomes a `jaxbn.nnx.BatchNorm` with that layer's settings
+    (`use_running_average`, `axis`, `momentum`, `epsilon`, `dtype`,
+    `axis_name`, ...) and *the same Variable objects* `mean`, `var`, `scale`
+    and `bias`: `nnx.state(model)` keeps its paths and values, so
+    checkpoints load both ways, and an optimizer built on the model before
+    the call still updates the same parameters. `overrides` replace
+    settings of every converted layer, e.g. ``axis_name="batch"`` (sync-BN
+    under `nnx.vmap`, `nnx.pmap` or `jax.shard_map`) or ``strategy="psum"``;
+    ``momentum=None`` adds a `count` BatchStat. The converted layers are
+    jaxbn's: `freeze`, `accumulate` / `commit_moments` and
+    `recompute_batch_stats` apply to the model.
+
+    The model is modified in place and returned (a model that *is* an
+    `nnx.BatchNorm` cannot be changed in place: its replacement is
+    returned). A model with no `nnx.BatchNorm` is returned unchanged, with a
+    `UserWarning`.
+
+    Args:
+      model: an NNX module (or a list, dict or tuple of them).
+      **overrides: settings of `jaxbn.nnx.BatchNorm` for every converted
+        layer: `use_running_average`, `axis`, `momentum`, `epsilon`,
+        `dtype`, `axis_name`, `axis_index_groups`, `use_fast_variance`,
+        `promote_dtype`, `renorm`, `renorm_r_max`, `renorm_d_max`,
+        `virtual_batch_size`, `unbiased`, `strategy`.
+
+    Returns:
+      `model`, converted.
+
+    Raises:
+      TypeError: an unknown override (or one that would change the
+        Variables: `use_bias`, `param_dtype`, ...).
+      ValueError: an override with a bad value.
+
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(1, 1, rngs=nnx.Rngs(0)), nnx.BatchNorm(1, momentum=0.0, rngs=nnx.Rngs(0)))
+    >>> mean = model.layers[1].mean
+    >>> model = jaxbn.nnx.convert(model)
+    >>> type(model.layers[1]).__module__, model.layers[1].mean is mean
+    ('jaxbn.nnx', True)
+    """
+    check_overrides(overrides, _OVERRIDES, "jaxbn.nnx.convert")
+    Options(**{k: v for k, v in overrides.items() if k in Options.__dataclass_fields__})  # before any change
+    memo: dict[int, BatchNorm] = {}
+    out = _swap(model, lambda old: _converted_layer(old, overrides), memo, set())
+    if not memo:
+        warn_no_layer("flax.nnx.BatchNorm", "jaxbn.nnx.convert", f"in {type(model).__name__}")
+    return out

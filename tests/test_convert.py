@@ -12,6 +12,7 @@ programs each.
 from __future__ import annotations
 
 import functools
+import io
 
 import flax.linen as nn
 import jax
@@ -367,3 +368,164 @@ def test_haiku_overrides_and_no_batch_norm():
     f = hk.transform(jaxbn.haiku.convert(lambda x: hk.Linear(2)(x)))
     with pytest.warns(UserWarning, match="no haiku.BatchNorm found"):
         f.init(jax.random.key(0), np.ones((2, 3), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------- NNX
+
+from flax import nnx  # noqa: E402
+
+import jaxbn.nnx  # noqa: E402
+
+OFFSET = 1e3
+
+
+class NnxNet(nnx.Module):
+    """flax.nnx's own BatchNorm on the input, then a Linear layer."""
+
+    def __init__(self):
+        self.bn = nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+        self.head = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        return self.head(self.bn(x))
+
+
+def _sgd_reference(x, kernel, bias, lr, momentum, mean0=0.0, var0=1.0):
+    """float64: one SGD step on mean((bn(x) @ kernel + bias)^2) (batch statistics, scale 1, offset 0):
+    the new running (mean, var) and the head's new kernel."""
+    mean, var, n = ref.moments(x)
+    z = ref.normalize(x, mean, var)
+    y = z @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
+    grad = z.T @ (2.0 * y / y.size)
+    stats = ref.update(mean0, var0, 0, mean, var, n, momentum=momentum)
+    return stats[0], stats[1], np.asarray(kernel, np.float64) - lr * grad
+
+
+def test_nnx_converted_trains_at_an_offset():
+    """Converted in place with the same Variable objects; one training step at a 1e3 offset against float64;
+    the state loads into an unconverted model and back."""
+    model = NnxNet()
+    before = nnx.state(model)
+    mean_var = model.bn.mean
+    assert jaxbn.nnx.convert(model) is model
+    assert isinstance(model.bn, jaxbn.nnx.BatchNorm) and model.bn.mean is mean_var
+    assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(before)
+
+    x = ref.normal(5, (32, 3)) + OFFSET
+    kernel, bias = np.asarray(model.head.kernel[...]), np.asarray(model.head.bias[...])
+
+    @nnx.jit
+    def step(model, x):
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads))
+
+    step(model, x)
+    want_mean, want_var, want_kernel = _sgd_reference(x, kernel, bias, 0.1, 0.9)
+    np.testing.assert_allclose(model.bn.mean[...], want_mean, rtol=1e-6)
+    np.testing.assert_allclose(model.bn.var[...], want_var, rtol=1e-4)
+    np.testing.assert_allclose(model.head.kernel[...], want_kernel, rtol=1e-4, atol=1e-5)
+
+    theirs = NnxNet()  # flax's own layers, loading the converted model's state, and back
+    nnx.update(theirs, nnx.state(model))
+    theirs.eval(), model.eval()
+    np.testing.assert_allclose(model(x), theirs(x), rtol=1e-5, atol=1e-5)
+    back = jaxbn.nnx.convert(NnxNet())
+    nnx.update(back, nnx.state(theirs))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(back), nnx.state(model))
+
+    model.train()
+    jaxbn.nnx.freeze(model)(x + 5.0)
+    np.testing.assert_allclose(model.bn.mean[...], want_mean, rtol=1e-6)
+
+
+def test_nnx_overrides_and_no_batch_norm():
+    model = NnxNet()
+    with pytest.raises(TypeError, match="use_bias"):
+        jaxbn.nnx.convert(model, use_bias=False)
+    with pytest.raises(ValueError, match="strategy"):
+        jaxbn.nnx.convert(model, strategy="sum")
+    assert isinstance(model.bn, nnx.BatchNorm)  # nothing changed by the failed calls
+    assert jaxbn.nnx.convert(model, axis_name="batch").bn.axis_name == "batch"
+    with pytest.warns(UserWarning, match="no flax.nnx.BatchNorm found"):
+        jaxbn.nnx.convert(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+# ---------------------------------------------------------------------------------------------- Equinox
+
+eqx = pytest.importorskip("equinox")
+import jaxbn.equinox  # noqa: E402
+
+
+class EqxNet(eqx.Module):
+    """equinox's own BatchNorm on one example, then a Linear layer."""
+
+    bn: eqx.nn.BatchNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        self.bn = eqx.nn.BatchNorm(3, "batch", momentum=0.9, mode="batch")
+        self.head = eqx.nn.Linear(3, 2, key=key)
+
+    def __call__(self, x, state):
+        y, state = self.bn(x, state)
+        return self.head(y), state
+
+
+def _arrays(model):
+    return jax.tree.leaves(eqx.filter(model, eqx.is_array))
+
+
+def test_equinox_converted_trains_at_an_offset():
+    """A new model on equinox's own state (same leaves); one training step at a 1e3 offset against float64;
+    the state and leaves load back into equinox's model."""
+    theirs, state = eqx.nn.make_with_state(EqxNet)(jax.random.key(0))
+    model = jaxbn.equinox.convert(theirs)
+    assert isinstance(model.bn, jaxbn.equinox.BatchNorm) and isinstance(theirs.bn, eqx.nn.BatchNorm)
+    assert model.bn.batch_state_index.marker == theirs.bn.batch_state_index.marker
+    assert shapes(_arrays(model)) == shapes(_arrays(theirs))
+    x = ref.normal(6, (32, 3)) + OFFSET
+    kernel, bias = np.asarray(model.head.weight).T, np.asarray(model.head.bias)
+
+    @eqx.filter_jit
+    def step(model, state, x):
+        def loss(m):
+            y, new = jax.vmap(m, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+            return jnp.mean(y**2), new
+
+        grads, new = eqx.filter_grad(loss, has_aux=True)(model)
+        return eqx.apply_updates(model, jax.tree.map(lambda g: -0.1 * g, grads)), new
+
+    model, state = step(model, state, x)
+    want_mean, want_var, want_kernel = _sgd_reference(x, kernel, bias, 0.1, 0.9)
+    mean, var = state.get(model.bn.batch_state_index)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-6)
+    np.testing.assert_allclose(var, want_var, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(model.head.weight).T, want_kernel, rtol=1e-4, atol=1e-5)
+
+    # Back into equinox's model through an eqx.tree_serialise_leaves checkpoint; inference on the same state.
+    checkpoint = io.BytesIO()
+    eqx.tree_serialise_leaves(checkpoint, (model, state))
+    checkpoint.seek(0)
+    back, back_state = eqx.tree_deserialise_leaves(checkpoint, (theirs, state))
+    jax.tree.map(np.testing.assert_array_equal, _arrays(back), _arrays(model))
+    jax.tree.map(np.testing.assert_array_equal, back_state, state)
+    infer = jax.vmap(lambda m, x: eqx.nn.inference_mode(m)(x, state)[0], in_axes=(None, 0), axis_name="batch")
+    w, b = np.asarray(model.head.weight, np.float64).T, np.asarray(model.head.bias, np.float64)
+    affine = (np.asarray(model.bn.weight), np.asarray(model.bn.bias))
+    np.testing.assert_allclose(infer(model, x), ref.normalize(x, mean, var, *affine) @ w + b, rtol=1e-4, atol=1e-4)
+    # equinox's "batch" mode divides both statistics by 1 - momentum**steps (documented, docs/equinox.md).
+    debiased = ref.normalize(x, np.asarray(mean) / 0.1, np.asarray(var) / 0.1, *affine) @ w + b
+    np.testing.assert_allclose(infer(back, x), debiased, rtol=1e-4, atol=1e-4)
+    _, kept = jax.vmap(jaxbn.equinox.freeze(model), axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+        x, state)
+    jax.tree.map(np.testing.assert_array_equal, kept, state)
+
+
+def test_equinox_overrides_and_no_batch_norm():
+    with pytest.raises(TypeError, match="strategy"):
+        jaxbn.equinox.convert(eqx.nn.Identity(), strategy="psum")
+    with pytest.warns(UserWarning, match="no equinox.nn.BatchNorm found"):
+        jaxbn.equinox.convert(eqx.nn.Identity())
+    model, _ = eqx.nn.make_with_state(EqxNet)(jax.random.key(0))
+    assert jaxbn.equinox.convert(model, axis_name=("data", "batch")).bn.axis_name == ("data", "batch")
