@@ -137,7 +137,16 @@ def check_grad_accumulation(out, tmp_path):
     assert number(r"smallest with per-micro-batch updates: (\S+)", out) > 1e-2
 
 
+def check_convert_pretrained(out, tmp_path):
+    """A model with flax's own layers, converted and frozen without an edit: its new head learns; the running
+    statistics, the backbone and the variable tree are exactly unchanged."""
+    assert number(r"test accuracy ([\d.]+)", out) >= 0.6
+    for what in ("running statistics", "backbone parameters", "variable tree"):
+        assert re.search(rf"^{what} unchanged.*: True$", out, re.M), out
+
+
 CHECKS = {
+    "convert_pretrained.py": check_convert_pretrained,
     "demo.py": check_demo,
     "equinox_example.py": check_equinox,
     "fold_inference.py": check_fold,
