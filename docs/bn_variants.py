@@ -6,43 +6,22 @@ library files are not edited), compiles the whole training step of `benchmarks.m
 and prints BN's in-context cost (step minus the identity step) from `benchmarks.hlo.analyze`: bytes accessed,
 kernels, temp bytes, each next to flax's. Deterministic: no timing. Variants:
 
-* ``current``: jaxbn as it is;
-* ``no-convert-barrier``: `jaxbn._xla.separate_converts` without its optimization barrier (one shared convert);
-* ``no-spelling``: `jaxbn._xla.spelled_apart(x, k)` (`k - x`) as `-(x - k)` (its `x - k` CSE'd with the other);
-* ``no-tangent-barrier``: the optimization barrier around the bf16 tangent's terms removed;
-* ``no-barriers``: every `lax.optimization_barrier` in jaxbn removed;
-* ``no-remat``: the tangent not wrapped in `jax.checkpoint`;
-* ``no-pilot``: the pilot shift replaced by zero (NOT numerically acceptable: only to price the pilot's kernels);
-* ``bare``: no barriers, no spelling, no remat;
-* ``row-pilot``: the pilot shift taken from one entry per feature (index 0 of every reduced axis);
-* ``tuple-sums``: `Reduction.sums` returns a tuple (one psum of the tuple) instead of a stacked array;
-* ``pilot+sums``: row-pilot + tuple-sums;
-* ``proposal``: row-pilot + tuple-sums + no-remat;
-* ``sample-pilot``: the pilot shift = the mean of the first example (a contiguous slice, index 0 of the batch axis);
-* ``sample+sums``: sample-pilot + tuple-sums.
+* ``current``: jaxbn as it runs on this backend;
+* ``plain``: the form every backend but XLA:CPU runs (`jaxbn._xla.splits_sibling_reductions` False: no
+  optimization barrier keeps sibling reductions' operands apart);
+* ``no-remat``: the tangent not wrapped in `jax.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 
-import jaxbn._kernel as kernel
-import jaxbn._stats as stats
 import jaxbn._xla as xla
 from benchmarks import model
-
-
-def _plain_converts(x: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    return x.astype(dtype), x.astype(dtype)
-
-
-def _identity_barrier(v: object) -> object:
-    return v
 
 
 @contextlib.contextmanager
@@ -53,34 +32,10 @@ def patched(variant: str) -> Iterator[None]:
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
-    if variant in ("no-convert-barrier",):
-        for mod in (stats, kernel):
-            setattr_(mod, "separate_converts", _plain_converts)
-    if variant in ("no-spelling", "bare"):
-        for mod in (stats, kernel):
-            setattr_(mod, "spelled_apart", lambda x, k: -(x - k))
-    if variant in ("no-barriers", "bare"):
-        setattr_(jax.lax, "optimization_barrier", _identity_barrier)
-    if variant == "no-tangent-barrier":
-        real = jax.lax.optimization_barrier
-        setattr_(xla.lax, "optimization_barrier", real)  # keep the convert barrier
-        setattr_(kernel, "lax", _LaxWithoutBarrier())
-    if variant in ("no-remat", "bare"):
+    if variant == "plain":
+        setattr_(xla, "splits_sibling_reductions", lambda: False)
+    if variant == "no-remat":
         setattr_(jax, "checkpoint", lambda f, **_: f)
-    if variant in ("row-pilot", "proposal", "pilot+sums"):
-        setattr_(stats, "_pilot_shift", _row_pilot)
-    if variant in ("sample-pilot", "sample+sums"):
-        setattr_(stats, "_pilot_shift", _sample_pilot)
-    if variant in ("tuple-sums", "proposal", "pilot+sums", "sample+sums", "local-tuple-sums"):
-        setattr_(kernel.Reduction, "sums", _tuple_sums)
-    if variant == "proposal":
-        setattr_(jax, "checkpoint", lambda f, **_: f)
-    if variant == "no-pilot":
-        setattr_(
-            stats,
-            "_pilot_shift",
-            lambda x, red, mask, dt: jnp.zeros([1 if a in red else s for a, s in enumerate(x.shape)], dt),
-        )
     try:
         yield
     finally:
@@ -88,35 +43,7 @@ def patched(variant: str) -> Iterator[None]:
             setattr(obj, name, value)
 
 
-def _row_pilot(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt: jnp.dtype) -> jax.Array:
-    """The shift from ONE entry per feature (index 0 on every reduced axis): a slice XLA fuses into the sums."""
-    idx = tuple(slice(0, 1) if a in red else slice(None) for a in range(x.ndim))
-    return jax.lax.stop_gradient(x[idx].astype(dt))
-
-
-def _sample_pilot(x: jax.Array, red: tuple[int, ...], mask: jax.Array | None, dt: jnp.dtype) -> jax.Array:
-    """The shift from the first example (index 0 of the first reduced axis, every entry of the others): contiguous."""
-    idx = tuple(slice(0, 1) if a == red[0] else slice(None) for a in range(x.ndim))
-    return jnp.mean(jax.lax.stop_gradient(x[idx].astype(dt)), axis=red, keepdims=True)
-
-
-def _tuple_sums(self: kernel.Reduction, *vs: jax.Array) -> tuple[jax.Array, ...]:
-    """Reduction.sums without the stack (whose transpose is a pad kernel per sum); one psum of the tuple."""
-    s = tuple(jnp.sum(v, self.axes, keepdims=True) for v in vs)
-    return s if self.axis_name is None else jax.lax.psum(s, self.axis_name)
-
-
-class _LaxWithoutBarrier:
-    """`jax.lax` for `jaxbn._kernel` only, with an identity optimization barrier."""
-
-    def __getattr__(self, name: str) -> Callable[..., object]:
-        return _identity_barrier if name == "optimization_barrier" else getattr(jax.lax, name)  # type: ignore[no-any-return]
-
-
-VARIANTS = (
-    "current", "no-convert-barrier", "no-spelling", "no-tangent-barrier", "no-barriers", "no-remat", "no-pilot",
-    "bare", "row-pilot", "tuple-sums", "pilot+sums", "proposal", "sample-pilot", "sample+sums",
-)  # fmt: skip
+VARIANTS = ("current", "plain", "no-remat")
 
 
 WANTED = set(sys.argv[4].split(",")) if len(sys.argv) > 4 else set(VARIANTS)

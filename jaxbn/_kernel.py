@@ -34,7 +34,7 @@ from jax.typing import DTypeLike
 
 from jaxbn._checks import AxisName
 from jaxbn._running import stats_dtype
-from jaxbn._xla import broadcast_like, separate_converts, spelled_apart
+from jaxbn._xla import broadcast_like, kept_apart, separate_converts, spelled_apart
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def affine_tangent(
     # Summed in out_dtype: the transpose of each convert is then its own
     # convert of the cotangent, behind its own barrier. (A forward-mode
     # tangent is thus rounded per term: within ~1.5 ulp of out_dtype.)
-    t_alpha, t_beta = lax.optimization_barrier(
+    t_alpha, t_beta = kept_apart(
         ((centred * alpha).astype(opts.out_dtype), broadcast_like(beta, x).astype(opts.out_dtype))
     )
     return (dxf * c).astype(opts.out_dtype) + t_alpha + t_beta

@@ -23,10 +23,14 @@ cross-device statistics use.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import DTypeLike
+
+T = TypeVar("T")
 
 
 def splits_sibling_reductions() -> bool:
@@ -49,6 +53,11 @@ def wide_collectives() -> bool:
     return jax.default_backend() != "tpu"
 
 
+def kept_apart(v: T) -> T:
+    """`v` behind an optimization barrier on XLA's CPU backend (`splits_sibling_reductions`), else `v`."""
+    return lax.optimization_barrier(v) if splits_sibling_reductions() else v
+
+
 def separate_converts(x: jax.Array, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
     """Two copies of `x.astype(dtype)` that XLA will not merge into one written convert.
 
@@ -58,9 +67,7 @@ def separate_converts(x: jax.Array, dtype: DTypeLike) -> tuple[jax.Array, jax.Ar
     """
     if x.dtype == jnp.dtype(dtype):
         return x, x
-    if not splits_sibling_reductions():
-        return x.astype(dtype), x.astype(dtype)
-    a, b = lax.optimization_barrier((x, x))
+    a, b = kept_apart((x, x))
     return a.astype(dtype), b.astype(dtype)
 
 
@@ -75,9 +82,7 @@ def spelled_apart(x: jax.Array, k: jax.Array) -> jax.Array:
     one shared broadcast is written out in full for the reductions that
     read it.
     """
-    if not splits_sibling_reductions():
-        return k - x
-    return lax.optimization_barrier(k) - x
+    return kept_apart(k) - x
 
 
 def broadcast_like(v: jax.Array, x: jax.Array) -> jax.Array:
