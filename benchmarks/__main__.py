@@ -10,8 +10,10 @@
   into one JSON file (`benchmarks.figures`);
 * ``render``: README.md's and docs/benchmark.md's tables written from that
   JSON (`benchmarks.render`);
-* ``reductions``: two per-feature sums as two reductions or as one variadic
-  reduction (`benchmarks.reductions`), the layer's memory-traffic floor.
+* ``compile``: what batch norm costs to trace, lower and compile in a ResNet
+  training step, and the size of the compiled program (`benchmarks.compile`);
+* ``gpu``: on a GPU, the layer and ResNet step rows and a check that the
+  compiled jaxbn step holds no conditional (`benchmarks.gpu`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from benchmarks import grid
 
-PARTS = ("layer", "model", "collectives", "figures", "render", "reductions")
+PARTS = ("layer", "model", "collectives", "figures", "render", "compile", "gpu")
 
 
 def _common(p: argparse.ArgumentParser, impls: Sequence[str], default_reps: str) -> None:
@@ -181,10 +183,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
         collectives_main(rest)
         return None
-    if part == "reductions":
-        from benchmarks.reductions import main as reductions_main
+    if part == "compile":
+        from benchmarks.compile import main as compile_main
 
-        return reductions_main(rest)
+        return compile_main(rest)
+    if part == "gpu":
+        from benchmarks.gpu import main as gpu_main
+
+        return gpu_main(rest)
     return layer_main(rest)
 
 

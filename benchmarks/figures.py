@@ -15,8 +15,9 @@ quote and writes them into one JSON file (default `FIGURES_JSON`):
 * ``costs``: compile-only costs of flax's ImageNet ResNet-18 and ResNet-50
   steps (`benchmarks.model.costs`): kernels, collectives, bytes accessed,
   BN in context, every placement and dtype;
-* ``reductions``: two per-feature sums as two reductions or one variadic
-  reduction (`benchmarks.reductions`): kernels, bytes accessed and time.
+* ``compile``: what batch norm costs to trace, lower and compile in flax's
+  ResNet-18 and ResNet-50 steps, and the size of the compiled program
+  (`benchmarks.compile`).
 
 The file records the commit (and whether the tree had uncommitted changes),
 the date, the machine and device, and the versions of jax, jaxlib, flax,
@@ -43,9 +44,9 @@ from benchmarks import grid
 #: Where the figures are written and read, relative to the repository root.
 FIGURES_JSON = os.path.join("docs", "figures.json")
 #: The parts, in the order they run.
-PARTS = ("claims", "collectives", "layer", "model", "costs", "reductions")
-#: Timed repetitions of the full run (``--quick``: 2), sized for about 15 minutes on 2 quiet CPU cores.
-LAYER_REPS, MODEL_REPS, REDUCTION_REPS = 5, 7, 10
+PARTS = ("claims", "collectives", "layer", "model", "costs", "compile")
+#: Timed repetitions of the full run (``--quick``: 2; compile: 1), sized for about 15 minutes on 2 quiet CPU cores.
+LAYER_REPS, MODEL_REPS, COMPILE_REPS = 5, 7, 3
 #: The whole-model configuration the README quotes (and ``--quick``'s).
 MODEL_CASE, QUICK_MODEL_CASE = grid.MODEL_GRID[0], grid.QUICK_MODEL_GRID[0]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,13 +135,12 @@ def run(
             ["float32"] if quick else list(grid.DTYPES),
             ["flax", "jaxbn.linen"],
         )
-    if "reductions" in parts:
-        from benchmarks import reductions
+    if "compile" in parts:
+        from benchmarks import compile as compile_cost
+        from benchmarks import model
 
-        cases = grid.parse_cases(None, quick)
-        out["reductions"] = reductions.measure(
-            [c for c in cases if c.key in ("nhwc56", "nhwc14")] or cases, 2 if quick else REDUCTION_REPS
-        )
+        quick_or_full = compile_cost.QUICK_CASES if quick else model.COST_GRID
+        out["compile"] = compile_cost.run(quick_or_full, reps=1 if quick else COMPILE_REPS)
     out["meta"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return out
 

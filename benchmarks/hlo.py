@@ -8,7 +8,7 @@ HLO), unlike wall time:
 * kernels: the instructions of the optimized module that launch work
   (fusions, convolutions, custom calls, collectives, ...; free instructions
   such as parameters, constants, tuples and bitcasts excluded)
-  (`count_kernels`);
+  (`count_kernels`), and its `conditional` instructions (`count_conditionals`);
 * full-size passes: the bytes those kernels read and write of arrays at
   least as large as a given one, in units of its bytes (`full_size_passes`);
 * bytes accessed, from `compiled.cost_analysis()`, and temp bytes, from
@@ -46,7 +46,7 @@ FREE_OPCODES = frozenset(
     }
 )
 #: Instructions whose work is counted inside the computations they call.
-CONTROL_OPCODES = frozenset({"call", "while", "conditional"})
+CONTROL_OPCODES = frozenset({"call", "while"})
 
 _DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -61,7 +61,7 @@ _INSTR_RE = re.compile(
 _COMP_RE = re.compile(r"^\s*(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*(?:\(.*\))?\s*->.*\{\s*$")
 _ARRAY_RE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _GROUPS_RE = re.compile(r"replica_groups=(\{\{[^=]*?\}\}|\[[0-9,]+\]<=\[[0-9,]+\][^,\s]*)")
-_CALLED_RE = re.compile(r"(?:to_apply|body|condition|calls)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_CALLED_RE = re.compile(r"(?:to_apply|body|condition|calls)=%?([\w.\-]+)")
 _OPERAND_RE = re.compile(r"%([\w.\-]+)")
 
 
@@ -83,34 +83,24 @@ class CollectiveOp(NamedTuple):
       bytes: bytes of the result on each device (for an async `-start` op
         returning a tuple, the last array: the result buffer).
       group_size: participants per replica group, or None if not printed.
-      in_branch: inside a branch of a `conditional` (a fallback that runs
-        only when its predicate says so), not on every step.
     """
 
     kind: str
     shape: str
     bytes: int
     group_size: int | None
-    in_branch: bool = False
 
 
 class Cost(NamedTuple):
     """The deterministic cost of one compiled program.
 
     Attributes:
-      kernels: instructions that launch work on the common path (see
-        `count_kernels`: each conditional counts once plus its cheapest branch).
+      kernels: instructions that launch work (see `count_kernels`).
       bytes_accessed: XLA's cost analysis, "bytes accessed".
       temp_bytes: XLA's memory analysis, temp buffers.
-      collectives: `{kind: count}` for every kind of `KINDS`, outside
-        conditional branches (what every step runs).
+      collectives: `{kind: count}` for every kind of `KINDS`, the whole program.
       compile_s: seconds `lower(...).compile()` took (not deterministic).
-      kernels_all: kernels with every branch of every conditional counted.
-      fallback_collectives: `{kind: count}` inside conditional branches
-        (fallbacks that run only when their predicate says so).
-      bytes_common: `bytes_accessed` on the common path: less what XLA charges
-        for each conditional's costliest branch above its cheapest
-        (`fallback_excess_bytes`).
+      conditionals: `conditional` instructions (`count_conditionals`).
     """
 
     kernels: int
@@ -118,9 +108,7 @@ class Cost(NamedTuple):
     temp_bytes: int
     collectives: dict[str, int]
     compile_s: float
-    kernels_all: int = 0
-    fallback_collectives: dict[str, int] = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
-    bytes_common: float = 0.0
+    conditionals: int = 0
 
 
 def array_bytes(shape: str) -> int:
@@ -162,28 +150,13 @@ def computations(hlo_text: str) -> tuple[dict[str, list[Instruction]], str | Non
     return comps, entry
 
 
-def _called(instr: Instruction) -> list[str]:
-    out = []
-    for single, many in _CALLED_RE.findall(instr.rest):
-        out.extend([single] if single else [c.strip().lstrip("%") for c in many.split(",") if c.strip()])
-    return out
-
-
-def kernels(hlo_text: str, branches: str = "all") -> Iterator[tuple[Instruction, dict[str, str]]]:
+def kernels(hlo_text: str) -> Iterator[tuple[Instruction, dict[str, str]]]:
     """The instructions of the entry computation that launch work, with the shapes of their computation's values.
 
     Calls and whiles are followed into the computations they run (a while
     body counts once, not per iteration); fusions count as one kernel each
-    (their fused computations are not entered). A conditional is followed
-    into every branch with `branches="all"`; with `branches="fewest"` (the
-    common path, when a conditional guards a rarely taken fallback) it
-    counts as one kernel itself plus its branch with the fewest kernels.
-
-    Raises:
-      ValueError: `branches` is neither "all" nor "fewest".
+    (their fused computations are not entered).
     """
-    if branches not in ("all", "fewest"):
-        raise ValueError(f"branches must be 'all' or 'fewest', got {branches!r}")
     comps, entry = computations(hlo_text)
     if entry is None:
         return
@@ -192,12 +165,8 @@ def kernels(hlo_text: str, branches: str = "all") -> Iterator[tuple[Instruction,
         instrs = comps.get(name, [])
         shapes = {i.name: i.shape for i in instrs}
         for instr in instrs:
-            if instr.opcode == "conditional" and branches == "fewest":
-                yield instr, shapes
-                options = [list(walk(c)) for c in _called(instr)]
-                yield from min(options, key=len, default=[])
-            elif instr.opcode in CONTROL_OPCODES:
-                for callee in _called(instr):
+            if instr.opcode in CONTROL_OPCODES:
+                for callee in _CALLED_RE.findall(instr.rest):
                     yield from walk(callee)
             elif instr.opcode not in FREE_OPCODES and not instr.opcode.endswith("-done"):
                 yield instr, shapes
@@ -205,7 +174,7 @@ def kernels(hlo_text: str, branches: str = "all") -> Iterator[tuple[Instruction,
     yield from walk(entry)
 
 
-def count_kernels(hlo_text: str, branches: str = "all") -> int:
+def count_kernels(hlo_text: str) -> int:
     """Number of kernels the optimized module launches (see `kernels`; async start/done pairs count once).
 
     >>> count_kernels('''ENTRY %main (p: f32[4]) -> f32[4] {
@@ -216,21 +185,16 @@ def count_kernels(hlo_text: str, branches: str = "all") -> int:
     ... }''')
     1
     """
-    return sum(1 for _ in kernels(hlo_text, branches))
+    return sum(1 for _ in kernels(hlo_text))
 
 
-def branch_computations(hlo_text: str) -> set[str]:
-    """Names of the computations that run only inside a branch of a `conditional` (and what they call)."""
-    comps, _ = computations(hlo_text)
-    inside: set[str] = set()
-    todo = [c for instrs in comps.values() for i in instrs if i.opcode == "conditional" for c in _called(i)]
-    while todo:
-        name = todo.pop()
-        if name in inside:
-            continue
-        inside.add(name)
-        todo.extend(c for i in comps.get(name, []) for c in _called(i))
-    return inside
+def count_conditionals(hlo_text: str) -> int:
+    """Instructions with opcode `conditional` (what `lax.cond` and `lax.switch` compile to) in HLO text.
+
+    >>> count_conditionals("%c = f32[4]{0} conditional(%p, %x, %y), true_computation=%t, false_computation=%f")
+    1
+    """
+    return sum(1 for line in hlo_text.splitlines() if (m := _INSTR_RE.match(line)) and m["opcode"] == "conditional")
 
 
 def full_size_passes(hlo_text: str, elements: int, itemsize: int) -> float:
@@ -253,67 +217,6 @@ def full_size_passes(hlo_text: str, elements: int, itemsize: int) -> float:
         arrays = [instr.shape] + [shapes[o] for o in _OPERAND_RE.findall(instr.rest.split("),", 1)[0]) if o in shapes]
         total += sum(array_bytes(s) for s in arrays if _elements(s) >= elements)
     return total / (elements * itemsize)
-
-
-_PARAM_RE = re.compile(r"parameter\((\d+)\)")
-
-
-def _kernel_bytes(instr: Instruction, shapes: dict[str, str], comps: dict[str, list[Instruction]]) -> int:
-    """Bytes one kernel reads and writes: its operands and its result.
-
-    An operand that the fused computation only slices counts the slices'
-    bytes (as XLA's cost analysis does), not the whole operand's.
-    """
-    operands = [shapes[o] for o in _OPERAND_RE.findall(instr.rest.split("),", 1)[0]) if o in shapes]
-    sliced: dict[int, int] = {}
-    fused = comps.get(next(iter(_called(instr)), ""), []) if instr.opcode == "fusion" else []
-    for p in fused:
-        m = _PARAM_RE.search(p.opcode + "(" + p.rest) if p.opcode == "parameter" else None
-        if m is None:
-            continue
-        users = [u for u in fused if re.search(rf"%{re.escape(p.name)}\b", u.rest.split("),", 1)[0])]
-        if users and all(u.opcode == "slice" for u in users):
-            sliced[int(m.group(1))] = sum(array_bytes(u.shape) for u in users)
-    return sum(sliced.get(i, array_bytes(s)) for i, s in enumerate(operands)) + array_bytes(instr.shape)
-
-
-def fallback_excess_bytes(hlo_text: str) -> int:
-    """Bytes XLA's cost analysis charges for the costliest branch of each conditional, above its cheapest.
-
-    XLA's "bytes accessed" counts a conditional as its most expensive branch.
-    When the branches are a rarely taken fallback and the common path, the
-    common path's bytes are `bytes_accessed - fallback_excess_bytes`. Branch
-    costs are estimated the same way for every branch: each kernel's operand
-    and result bytes (nested conditionals at their costliest branch).
-    """
-    comps, entry = computations(hlo_text)
-    if entry is None:
-        return 0
-
-    def cost(name: str) -> int:
-        instrs = comps.get(name, [])
-        shapes = {i.name: i.shape for i in instrs}
-        total = 0
-        for instr in instrs:
-            if instr.opcode == "conditional":
-                total += max((cost(c) for c in _called(instr)), default=0)
-            elif instr.opcode in CONTROL_OPCODES:
-                total += sum(cost(c) for c in _called(instr))
-            elif instr.opcode not in FREE_OPCODES and not instr.opcode.endswith("-done"):
-                total += _kernel_bytes(instr, shapes, comps)
-        return total
-
-    def excess(name: str) -> int:
-        total = 0
-        for instr in comps.get(name, []):
-            if instr.opcode == "conditional":
-                branches = [cost(c) for c in _called(instr)]
-                total += max(branches, default=0) - min(branches, default=0)
-            elif instr.opcode in CONTROL_OPCODES:
-                total += sum(excess(c) for c in _called(instr))
-        return total
-
-    return excess(entry)
 
 
 def _group_size(line: str) -> int | None:
@@ -339,16 +242,10 @@ def parse_collectives(hlo_text: str) -> list[CollectiveOp]:
 
     >>> hlo = "%ar = f32[2,16]{1,0} all-reduce(%x), replica_groups={{0,1,2,3}}, to_apply=%sum"
     >>> parse_collectives(hlo)
-    [CollectiveOp(kind='all-reduce', shape='f32[2,16]{1,0}', bytes=128, group_size=4, in_branch=False)]
+    [CollectiveOp(kind='all-reduce', shape='f32[2,16]{1,0}', bytes=128, group_size=4)]
     """
     ops = []
-    in_branch = branch_computations(hlo_text)
-    current = None
     for line in hlo_text.splitlines():
-        c = _COMP_RE.match(line)
-        if c and not line.lstrip().startswith("HloModule"):
-            current = c.group("name")
-            continue
         m = _INSTR_RE.match(line)
         if m is None:
             continue
@@ -360,25 +257,23 @@ def parse_collectives(hlo_text: str) -> list[CollectiveOp]:
             arrays = arrays[len(arrays) // 2 :]  # (operands..., results...)
         elif m["opcode"].endswith("-start") and kind == "collective-permute":
             arrays = arrays[1:2]  # (operand, result, context...)
-        ops.append(CollectiveOp(
-            kind, m["shape"], sum(array_bytes(a) for a in arrays), _group_size(line), current in in_branch
-        ))
+        ops.append(CollectiveOp(kind, m["shape"], sum(array_bytes(a) for a in arrays), _group_size(line)))
     return ops
 
 
-def summarize_collectives(
-    ops: Sequence[CollectiveOp], where: str = "all"
-) -> tuple[dict[str, int], dict[str, int]]:
+def summarize_collectives(ops: Sequence[CollectiveOp], where: str = "all") -> tuple[dict[str, int], dict[str, int]]:
     """(count per kind, result bytes per kind) of `ops`; every kind of `KINDS` is a key.
 
-    `where`: "all" ops, only those on every step ("outside" conditional
-    branches) or only the fallbacks ("branches").
+    Every op counts; `where`, if given, must be "all".
+
+    Raises:
+      ValueError: another `where`.
     """
+    if where != "all":
+        raise ValueError(f"where must be 'all', got {where!r}")
     counts = dict.fromkeys(KINDS, 0)
     nbytes = dict.fromkeys(KINDS, 0)
     for op in ops:
-        if (where == "outside" and op.in_branch) or (where == "branches" and not op.in_branch):
-            continue
         counts[op.kind] += 1
         nbytes[op.kind] += op.bytes
     return counts, nbytes
@@ -389,8 +284,8 @@ def compiled_text(fn: Callable[..., object], *args: object) -> str:
     return jax.jit(fn).lower(*args).compile().as_text() or ""
 
 
-def count_collectives(fn: Callable[..., object], *args: object, where: str = "all") -> dict[str, int]:
-    """Counts the collectives of `jax.jit(fn)` compiled for `args`, by kind.
+def count_collectives(fn: Callable[..., object], *args: object) -> dict[str, int]:
+    """Counts the collectives of `jax.jit(fn)` compiled for `args`, by kind, over the whole program.
 
     The count is taken on the optimized HLO, so collectives XLA combines
     count once and async start/done pairs count once.
@@ -398,8 +293,6 @@ def count_collectives(fn: Callable[..., object], *args: object, where: str = "al
     Args:
       fn: a function `jax.jit` can trace.
       *args: example arguments (arrays, placed or sharded as in real use).
-      where: "all", "outside" conditional branches (every step) or in
-        "branches" (fallbacks); see `summarize_collectives`.
 
     Returns:
       `{kind: count}` for every kind of `KINDS` (zeros included).
@@ -408,7 +301,7 @@ def count_collectives(fn: Callable[..., object], *args: object, where: str = "al
     >>> count_collectives(lambda x: jnp.sum(x ** 2), jnp.ones(4))["all-reduce"]
     0
     """
-    return summarize_collectives(parse_collectives(compiled_text(fn, *args)), where)[0]
+    return summarize_collectives(parse_collectives(compiled_text(fn, *args)))[0]
 
 
 def collective_bytes(fn: Callable[..., object], *args: object) -> dict[str, int]:
@@ -451,10 +344,8 @@ def analyze(compiled: jax.stages.Compiled, compile_s: float = 0.0) -> Cost:
     (1, 0)
     """
     text = compiled.as_text() or ""
-    ops = parse_collectives(text)
-    total = bytes_accessed(compiled)
+    collectives = summarize_collectives(parse_collectives(text))[0]
     return Cost(
-        count_kernels(text, "fewest"), total, temp_bytes(compiled),
-        summarize_collectives(ops, "outside")[0], compile_s, count_kernels(text, "all"),
-        summarize_collectives(ops, "branches")[0], total - fallback_excess_bytes(text),
+        count_kernels(text), bytes_accessed(compiled), temp_bytes(compiled), collectives, compile_s,
+        count_conditionals(text),
     )

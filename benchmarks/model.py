@@ -87,10 +87,9 @@ def init_variables(case: ModelCase, impl: str, dtype: str) -> tuple[PyTree, PyTr
     return variables["params"], variables.get("batch_stats", {})
 
 
-def compile_step(
-    case: ModelCase, impl: str, dtype: str, placement: str
-) -> tuple[jax.stages.Compiled, tuple[Any, ...], hlo.Cost]:
-    """Builds, compiles and analyzes the training step; returns it, its arguments and its cost.
+def build_step(case: ModelCase, impl: str, dtype: str, placement: str) -> tuple[Any, tuple[Any, ...]]:
+    """A fresh training step, staged for `placement` (`jax.jit(...)` or `jax.pmap(...)`: call `.lower(*args)`),
+    and its arguments.
 
     Raises:
       ValueError: an unknown placement, or a batch the devices do not divide.
@@ -118,10 +117,7 @@ def compile_step(
         devices = jax.devices()[:DEVICES]
         replicated = jax.tree.map(lambda v: jnp.broadcast_to(v, (DEVICES, *jnp.shape(v))), args[:3])
         args = (*replicated, *(jnp.reshape(v, (DEVICES, -1, *v.shape[1:])) for v in (x, labels)))
-        fn = jax.pmap(step, axis_name=AXIS, devices=devices)
-        t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()  # type: ignore[attr-defined]
-        return compiled, args, hlo.analyze(compiled, time.perf_counter() - t0)
+        return jax.pmap(step, axis_name=AXIS, devices=devices), args
     if sharded:
         mesh = jax.make_mesh((DEVICES,), (AXIS,))
         rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
@@ -129,8 +125,16 @@ def compile_step(
         if placement == "shard_map":
             r, d = P(), P(AXIS)
             fn = jax.shard_map(step, mesh=mesh, in_specs=(r, r, r, d, d), out_specs=r, check_vma=False)
+    return jax.jit(fn), args
+
+
+def compile_step(
+    case: ModelCase, impl: str, dtype: str, placement: str
+) -> tuple[jax.stages.Compiled, tuple[Any, ...], hlo.Cost]:
+    """Builds, compiles and analyzes the training step (`build_step`); returns it, its arguments and its cost."""
+    staged, args = build_step(case, impl, dtype, placement)
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = staged.lower(*args).compile()
     return compiled, args, hlo.analyze(compiled, time.perf_counter() - t0)
 
 
@@ -179,16 +183,13 @@ def run_here(
 
 
 #: The deterministic costs a compile-only row carries into its in-context ("bn") part.
-_COST_KEYS = ("kernels", "bytes_accessed", "bytes_common")
+_COST_KEYS = ("kernels", "bytes_accessed")
 
 
 def _cost_fields(cost: hlo.Cost) -> Row:
     """A row's deterministic cost fields, from the compiled step's `hlo.Cost`."""
-    return {
-        "bytes_accessed": cost.bytes_accessed, "bytes_common": cost.bytes_common, "kernels": cost.kernels,
-        "collectives": cost.collectives, "kernels_all": cost.kernels_all,
-        "fallback_collectives": cost.fallback_collectives,
-    }  # fmt: skip
+    return {"bytes_accessed": cost.bytes_accessed, "kernels": cost.kernels, "collectives": cost.collectives,
+            "conditionals": cost.conditionals}  # fmt: skip
 
 
 def _in_context(r: Row, ident: Row, ref: Row | None, keys: Sequence[str]) -> Row:
@@ -208,9 +209,7 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
 
     In-context cost (`row["bn"]`): the row minus the identity row of its
     group, for the median of per-round time differences, bytes accessed,
-    kernels and temp bytes, each also as a ratio to flax's; and bytes on the
-    common path (`hlo.Cost.bytes_common`: XLA charges a conditional its
-    costliest branch, here the rarely taken fallback).
+    kernels and temp bytes, each also as a ratio to flax's.
     """
     groups: dict[tuple[str, str, str], dict[str, Row]] = {}
     for r in rows:
@@ -227,7 +226,7 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
                 continue
             r["bn"] = {
                 "ms": float(np.median(np.asarray(r["times_ms"]) - np.asarray(ident["times_ms"]))),
-                **_in_context(r, ident, None, ("bytes_accessed", "bytes_common", "kernels", "temp_bytes")),
+                **_in_context(r, ident, None, ("bytes_accessed", "kernels", "temp_bytes")),
             }
         for r in group.values():
             bn, ref_bn = r["bn"], (ref or {}).get("bn")
@@ -237,7 +236,6 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
                 bn[f"{'bytes' if key == 'bytes_accessed' else key.split('_')[0]}_vs_flax"] = (
                     _ratio(bn[key], ref_bn[key]) if ref_bn else None
                 )
-            bn["bytes_common_vs_flax"] = _ratio(bn["bytes_common"], ref_bn["bytes_common"]) if ref_bn else None
     misses: dict[str, list[str]] = {
         "in-context BN bytes accessed <= 0.7x flax's": [],
         "kernels <= flax's": [],
@@ -339,9 +337,8 @@ def costs(
 ) -> list[Row]:
     """Compile-only rows: each step's deterministic costs and BN's in-context cost, no timing.
 
-    Per row: kernels (common path), collectives every step runs and those in
-    fallback branches, bytes accessed (XLA's, and on the common path) and,
-    under "bn", the row minus the identity row with ratios to flax's. The
+    Per row: kernels, collectives, conditionals, bytes accessed and, under
+    "bn", the row minus the identity row with ratios to flax's. The
     8-device placements run in a child Python when this process has fewer
     devices.
     """

@@ -129,8 +129,7 @@ def row_collectives(fig: Figures) -> list[str]:
         c = counts.get(name)
         return "—" if c is None or "error" in c else str(sum(c.values()))
 
-    label = (f"collectives per synchronized train step (fwd + bwd; one layer on {coll['devices']} devices, compiled "
-             "HLO; jaxbn: every step, a self-checked fallback adds more while the running mean is far from the data)")
+    label = f"collectives per synchronized train step (fwd + bwd; one layer on {coll['devices']} devices, compiled HLO)"
     return [label, total("jaxbn"), f"{total('flax')} (fast variance) / {total('flax-exact')}", total("haiku"),
             total("equinox")]  # fmt: skip
 
@@ -341,49 +340,38 @@ def block_claims(fig: Figures) -> str:
     return "\n".join(out)
 
 
-#: docs/benchmark.md blocks: tag name -> the block's Markdown.
 def block_costs(fig: Figures) -> str:
     """docs/sync.md's whole-step table: kernels, collectives and BN bytes, flax vs jaxbn.linen."""
     rows = _part(fig, "costs")
     by = {(r["model"], r["placement"], r["dtype"], r["impl"]): r for r in rows}
     out = [
-        "| model | placement | dtype | kernels: flax / jaxbn (BN only) | collectives: flax / jaxbn (+ fallback) "
-        "| BN bytes, jaxbn / flax: XLA's (fallback charged) / common path |",
+        "| model | placement | dtype | kernels: flax / jaxbn (BN only) | collectives: flax / jaxbn "
+        "| BN bytes accessed, jaxbn / flax |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for (model, placement, dtype, impl), j in by.items():
         f = by.get((model, placement, dtype, "flax"))
         if impl != "jaxbn.linen" or f is None or not j.get("bn") or not f.get("bn"):
             continue
-        fb = sum(j["fallback_collectives"].values())
         out.append(
             f"| {model} | {_placement(placement)} | {dtype} | {f['kernels']} / {j['kernels']} "
             f"({f['bn']['kernels']} / {j['bn']['kernels']}) | {sum(f['collectives'].values())} / "
-            f"{sum(j['collectives'].values())}{f' (+{fb})' if fb else ''} | "
-            f"{_x(j['bn']['bytes_accessed_vs_flax'])} / {_x(j['bn']['bytes_common_vs_flax'])} |"
+            f"{sum(j['collectives'].values())} | {_x(j['bn']['bytes_accessed_vs_flax'])} |"
         )
     return "\n".join(out)
 
 
-def block_reductions(fig: Figures) -> str:
-    """Two per-feature sums: two reductions vs one variadic reduction (kernels, XLA passes over x, time)."""
-    rep = _part(fig, "reductions")
-    out = [
-        f"| shape | way | kernels | XLA passes over x | median ms ({rep['config']['reps']} interleaved rounds) "
-        "| time vs two reductions |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rep["results"]:
-        out.append(
-            f"| {'x'.join(map(str, r['shape']))} | {r['way']} | {r['kernels']} | {r['bytes_passes']:.2f} "
-            f"| {r['median_ms']:.2f} | {_x(r['time_vs_two'])} |"
-        )
-    return "\n".join(out)
+def block_compile(fig: Figures) -> str:
+    """What batch norm costs to trace, lower and compile in a ResNet step, jaxbn vs flax (`benchmarks.compile`)."""
+    from benchmarks import compile as compile_cost
+
+    return compile_cost.markdown(_part(fig, "compile"))
 
 
+#: docs/benchmark.md's and docs/sync.md's blocks: tag name -> the block's Markdown.
 BLOCKS: dict[str, Callable[[Figures], str]] = {
     "costs": block_costs,
-    "reductions": block_reductions,
+    "compile": block_compile,
     "meta": block_meta,
     "layer": block_layer,
     "model": block_model,

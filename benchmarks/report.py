@@ -277,14 +277,12 @@ def format_model(report: Report, markdown: bool = False, targets: bool = True) -
     Per row: median step ms, speedup vs flax (flax ms / ms) with the 25-75%
     range of the per-round ratios, compile s, temp MiB, and BN's in-context
     cost (this step minus the identity step): ms, bytes accessed (MiB and
-    ratio to flax's; XLA charges a conditional its costliest branch), the
-    same on the common path (the rarely taken fallback branches not
-    charged), kernels, temp MiB (ratio to flax's). `targets`: the
+    ratio to flax's), kernels, temp MiB (ratio to flax's). `targets`: the
     target checks after the table.
     """
     cols = [
         "model", "placement", "dtype", "impl", "step ms", "vs flax", "(25-75%)", "compile s", "temp MiB",
-        "BN ms", "BN MiB accessed", "BN MiB common path", "BN kernels", "BN temp MiB", "collectives",
+        "BN ms", "BN MiB accessed", "BN kernels", "BN temp MiB", "collectives",
     ]  # fmt: skip
     rows = []
     for r in report["results"]:
@@ -295,8 +293,6 @@ def format_model(report: Report, markdown: bool = False, targets: bool = True) -
             f"{r['compile_s']:.1f}", f"{r['temp_bytes'] / _MIB:.2f}",
             "-" if bn is None else f"{bn['ms']:.1f}",
             "-" if bn is None else f"{bn['bytes_accessed'] / _MIB:.1f} ({_x(bn['bytes_vs_flax'])})",
-            "-" if bn is None or "bytes_common" not in bn
-            else f"{bn['bytes_common'] / _MIB:.1f} ({_x(bn['bytes_common_vs_flax'])})",
             "-" if bn is None else f"{bn['kernels']} ({_x(bn['kernels_vs_flax'])})",
             "-" if bn is None else f"{bn['temp_bytes'] / _MIB:.2f} ({_x(_positive(bn['temp_vs_flax']))})",
             str(sum(r["collectives"].values())),

@@ -135,24 +135,11 @@ def test_three_dependent_psums_are_three_all_reduces():
     assert hlo.analyze(jax.jit(g).lower(x).compile()).collectives["all-reduce"] == 3
 
 
-
-def test_fallback_excess_bytes_leaves_xla_the_common_path():
-    """A conditional whose fallback reads x twice: the common-path bytes are XLA's own bytes for the
-    program with the cheap branch in place of the conditional (an independent compile)."""
-    x = jnp.arange(4096.0).reshape(64, 64)
-
-    def with_fallback(x, k):
-        s = jnp.sum(x - k, axis=0)
-        return jax.lax.cond(s[0] > 1e30, lambda: jnp.sum(jnp.square(x - s[None]), axis=0) + jnp.sum(x * 3.0, axis=0),
-                            lambda: s * 2.0)
-
-    def common_only(x, k):
-        return jnp.sum(x - k, axis=0) * 2.0
-
-    both = jax.jit(with_fallback).lower(x, 1.0).compile()
-    cheap = jax.jit(common_only).lower(x, 1.0).compile()
-    cost = hlo.analyze(both)
-    assert cost.bytes_accessed > hlo.bytes_accessed(cheap) + x.nbytes  # XLA charges the fallback
-    assert cost.bytes_common == pytest.approx(hlo.bytes_accessed(cheap), rel=0.05)
-    no_branch = hlo.analyze(cheap)
-    assert no_branch.bytes_common == no_branch.bytes_accessed
+def test_count_conditionals_of_compiled_programs():
+    x = jnp.arange(8.0)
+    branchy = jax.jit(lambda v: jax.lax.cond(v[0] > 0, jnp.sin, jnp.cos, v)).lower(x).compile()
+    plain = jax.jit(jnp.sin).lower(x).compile()
+    assert hlo.count_conditionals(branchy.as_text()) == hlo.analyze(branchy).conditionals == 1
+    assert hlo.count_conditionals(plain.as_text()) == hlo.analyze(plain).conditionals == 0
+    with pytest.raises(ValueError, match="where must be 'all'"):
+        hlo.summarize_collectives([], "outside")

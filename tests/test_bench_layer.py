@@ -137,8 +137,7 @@ def test_flax_collective_counts_in_the_layer_report(saved):
     counts = saved["collectives"]["counts"]
     assert sum(counts["flax"].values()) == counts["flax"]["all-reduce"] == 2
     assert sum(counts["flax-exact"].values()) == counts["flax-exact"]["all-reduce"] == 4
-    # jaxbn: every step, one all-reduce of the shifted sums forward and one of the two backward sums (the fallback
-    # branches are not counted here).
+    # jaxbn: one all-reduce of the moments forward and one of the two backward sums, in the whole program.
     assert sum(counts["jaxbn"].values()) == counts["jaxbn"]["all-reduce"] == 2
 
 

@@ -535,7 +535,7 @@ def test_strategy_reaches_the_collectives(strategy):
 
     step = _replica_step(lambda g: jax.pmap(g, axis_name="i"), True, strategy=strategy)
     _check_whole_batch(*step(X, DY, MASK), True)
-    counts = hlo.count_collectives(step, X, DY, MASK, where="outside")
+    counts = hlo.count_collectives(step, X, DY, MASK)
     assert counts["all-gather"] == (1 if strategy == "gather" else 0), counts
 
 
