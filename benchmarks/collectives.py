@@ -179,7 +179,7 @@ def sync_bn_table(impls: Sequence[str] = IMPLS, features: int = 256) -> list[dic
     for impl in impls:
         text = hlo.compiled_text(sync_bn_step(impl, mesh), *args)
         ops = hlo.parse_collectives(text)
-        counts, nbytes = hlo.summarize_collectives(ops, "all")
+        counts, nbytes = hlo.summarize_collectives(ops)
         rows.append({"impl": impl, "devices": jax.device_count(), "counts": counts, "bytes": nbytes})
     return rows
 

@@ -261,16 +261,8 @@ def parse_collectives(hlo_text: str) -> list[CollectiveOp]:
     return ops
 
 
-def summarize_collectives(ops: Sequence[CollectiveOp], where: str = "all") -> tuple[dict[str, int], dict[str, int]]:
-    """(count per kind, result bytes per kind) of `ops`; every kind of `KINDS` is a key.
-
-    Every op counts; `where`, if given, must be "all".
-
-    Raises:
-      ValueError: another `where`.
-    """
-    if where != "all":
-        raise ValueError(f"where must be 'all', got {where!r}")
+def summarize_collectives(ops: Sequence[CollectiveOp]) -> tuple[dict[str, int], dict[str, int]]:
+    """(count per kind, result bytes per kind) of `ops`; every kind of `KINDS` is a key."""
     counts = dict.fromkeys(KINDS, 0)
     nbytes = dict.fromkeys(KINDS, 0)
     for op in ops:

@@ -83,7 +83,19 @@ def init_variables(case: ModelCase, impl: str, dtype: str) -> tuple[PyTree, PyTr
     """`(params, batch_stats)` of the model (cached: every placement of a configuration starts from the same)."""
     model = resnet(case.arch, impl, width=case.width, dtype=jnp.dtype(dtype))  # no named axis at init
     x = jnp.zeros((1, case.image, case.image, 3), dtype)
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)  # compiling the random init takes longer than the step
+    rng = np.random.default_rng(0)
+
+    def value(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name = getattr(path[-1], "key", "")
+        if name in ("scale", "var"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name in ("bias", "mean"):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        fan_in = max(1, int(np.prod(leaf.shape[:-1])))  # He-normal, as flax's convolutions
+        return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(value, shapes)
     return variables["params"], variables.get("batch_stats", {})
 
 

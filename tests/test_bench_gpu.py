@@ -22,7 +22,7 @@ def test_no_gpu_exits_2_with_a_message():
 
 def test_allow_cpu_quick_smoke_run(tmp_path):
     out = tmp_path / "gpu.json"
-    res = _run("--allow-cpu", "--quick", "--out", str(out))
+    res = _run("--allow-cpu", "--quick", "--reps", "1", "--out", str(out))
     assert res.returncode == 0, res.stderr[-4000:]
     rep = json.loads(out.read_text())
     assert {"meta", "layer", "model", "conditionals", "check"} <= set(rep)

@@ -141,5 +141,3 @@ def test_count_conditionals_of_compiled_programs():
     plain = jax.jit(jnp.sin).lower(x).compile()
     assert hlo.count_conditionals(branchy.as_text()) == hlo.analyze(branchy).conditionals == 1
     assert hlo.count_conditionals(plain.as_text()) == hlo.analyze(plain).conditionals == 0
-    with pytest.raises(ValueError, match="where must be 'all'"):
-        hlo.summarize_collectives([], "outside")

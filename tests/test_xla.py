@@ -45,7 +45,8 @@ def test_the_barriers_run_on_the_cpu_backend_only(monkeypatch):
 
     def barriers():
         jax.clear_caches()  # the other form traced afresh
-        return jax.jit(lambda x, dy: _step(x, dy)).lower(x, np.ones((8, 3), np.float32)).as_text().count("optimization_barrier")
+        lowered = jax.jit(lambda x, dy: _step(x, dy)).lower(x, np.ones((8, 3), np.float32))
+        return lowered.as_text().count("optimization_barrier")
 
     cpu_form = barriers()
     monkeypatch.setattr(xla, "splits_sibling_reductions", lambda: False)
