@@ -354,31 +354,32 @@ def _batch_parts(x: jax.Array, red: tuple[int, ...]) -> tuple[int, int]:
     Under `jax.jit` a batch may be sharded across devices. Moments taken
     per part, each about its own pilot, need no collective; combining the
     parts is one reduction over a (sharded) axis, which XLA's partitioner
-    turns into one all-reduce. A type with Explicit mesh axes says which
-    reduced axis is sharded and how many ways; otherwise (Auto axes, or no
-    mesh at all: `in_shardings`, `device_put`) the parts are as many as the
-    mesh in context, or the devices, have (as far as the axis divides).
-    A multiple of the shard count is as good as the count itself.
+    turns into one all-reduce. The mesh comes from x's type (which carries
+    the mesh of the step's sharded arguments) or else from `jax.set_mesh`.
+    With Explicit axes the type says which reduced axis is sharded and how
+    many ways; with Auto axes the parts are as many as the mesh's devices
+    (but its Manual axes: `pmap`, `shard_map`), as far as the axis divides:
+    a multiple of the shard count is as good as the count itself. No mesh
+    (one device): one part.
     """
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    explicit = jax.sharding.AxisType.Explicit
-    if mesh is not None and not mesh.empty and explicit in mesh.axis_types:
+    first = red[0] if red else 0
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return first, 1
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if jax.sharding.AxisType.Explicit in types.values():
         spec = typed_spec(x) or ()
         for a in red:
             names = spec[a] if a < len(spec) else None
             if names is not None:
                 names = names if isinstance(names, tuple) else (names,)
                 return a, math.prod(mesh.shape[nm] for nm in names)
-        return (red[0] if red else 0), 1
-    context = jax.sharding.get_abstract_mesh()
-    if context.empty:
-        devices = jax.device_count()
-    else:
-        manual = jax.sharding.AxisType.Manual
-        devices = math.prod(s for s, t in zip(context.axis_sizes, context.axis_types, strict=True) if t != manual)
-    size = x.shape[red[0]] if red else 0
-    return (red[0] if red else 0), math.gcd(size, devices) if size else 1
+        return first, 1
+    devices = math.prod(mesh.shape[n] for n, t in types.items() if t == jax.sharding.AxisType.Auto)
+    size = x.shape[first] if red else 0
+    return first, math.gcd(size, devices) if size else 1
 
 
 def _split(v: jax.Array, axis: int, parts: int) -> jax.Array:

@@ -282,3 +282,25 @@ def test_modules_on_a_sharded_batch_take_flax_budget(framework):
     dx, got_mean = jax.jit(step)(*args)
     np.testing.assert_allclose(got_mean, mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "gather"])
+def test_64_participants_pmap_over_vmap(strategy):
+    """8 devices x 8 vmap members = 64 participants (axis_name=("i", "v")), uneven masks, some members
+    all masked, a 1e4 offset and a NaN running mean: the float64 statistics of the whole batch."""
+    rng = np.random.default_rng(6)
+    x = (1e4 + rng.normal(size=(D, 8, B, C))).astype(np.float32)
+    valid = rng.integers(0, B + 1, size=(D, 8))
+    mask = np.arange(B)[None, None, :, None] < valid[..., None, None]
+    rm = np.full((D, 8, C), np.nan, np.float32)
+
+    def member(x, m, rm):
+        stats = jaxbn.RunningStats(rm, jnp.ones(C), jnp.zeros((), jnp.int32))
+        return jaxbn.batch_norm(x, stats, training=True, axis_name=("i", "v"), mask=m, momentum=0.0,
+                                strategy=strategy)
+
+    y, new = jax.pmap(jax.vmap(member, axis_name="v"), axis_name="i")(x, mask, rm)
+    xf, mf = x.reshape(-1, C), mask.reshape(-1, 1)
+    mean, var, _ = ref.moments(xf, mask=mf)
+    np.testing.assert_allclose(np.asarray(new.var).reshape(-1, C), np.broadcast_to(var, (D * 8, C)), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, C), ref.normalize(xf, mean, var), rtol=1e-3, atol=2e-3)
