@@ -18,7 +18,7 @@ PKG = os.path.join(ROOT, "jaxbn")
 
 CORE = {"jaxbn", "jaxbn._checks", "jaxbn._layout", "jaxbn._xla", "jaxbn._running", "jaxbn._stats",
         "jaxbn._kernel", "jaxbn._norm", "jaxbn._fold", "jaxbn._accumulate"}
-MODULE_CORE = {"jaxbn._module_core", "jaxbn._dtypes", "jaxbn._ghost", "jaxbn._recompute"}
+MODULE_CORE = {"jaxbn._module_core", "jaxbn._dtypes", "jaxbn._ghost", "jaxbn._recompute", "jaxbn._convert"}
 WRAPPERS = {"jaxbn.linen": "flax", "jaxbn.nnx": "flax", "jaxbn.interop": "flax", "jaxbn.equinox": "equinox",
             "jaxbn.haiku": "haiku"}
 FRAMEWORKS = {"flax", "equinox", "haiku", "optax", "torch"}

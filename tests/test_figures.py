@@ -60,7 +60,8 @@ def test_every_tag_has_a_renderer_and_every_renderer_a_tag():
     assert set(re.findall(r"^\| <!-- fig:([\w-]+) -->", readme, flags=re.M)) == set(render.ROWS)
     opened = re.findall(r"^<!-- figures:([\w-]+) -->$", pages, flags=re.M)
     closed = re.findall(r"^<!-- /figures:([\w-]+) -->$", pages, flags=re.M)
-    assert sorted(opened) == sorted(closed) == sorted(render.BLOCKS)
+    assert sorted(opened) == sorted(closed)  # a block may appear on both pages
+    assert set(opened) == set(render.BLOCKS)
 
 
 def test_render_rewrites_tagged_rows_only(quick):
