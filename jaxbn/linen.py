@@ -112,10 +112,8 @@ class BatchNorm(nn.Module):
         moments; the running stats take the mean of the groups' moments.
       unbiased: store the unbiased batch variance (var * n / (n - 1)).
       strategy: how the statistics cross devices, as in `jaxbn.moments`:
-        "auto" (default), "psum" or "gather". "psum" also makes a batch
-        with no `axis_name` sum about the running mean: under `jax.jit` on a
-        batch sharded over a mesh with Auto axes and no mesh in context,
-        that saves an all-reduce per layer (see docs/sync.md).
+        "auto" (default), "psum" or "gather" (the same results; see
+        docs/sync.md).
 
     >>> import jax, jax.numpy as jnp, jaxbn.linen
     >>> bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9)
