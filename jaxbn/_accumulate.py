@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn._running import Moments, RunningStats, stats_dtype, update_stats
+from jaxbn._running import Moments, RunningStats, feature_shape_of, stats_dtype, update_stats
 from jaxbn._stats import chan_combine
 
 
@@ -45,9 +45,7 @@ def empty_moments(feature_shape: int | Sequence[int], dtype: DTypeLike = jnp.flo
     >>> m.mean.tolist(), m.var.tolist(), m.count.tolist()
     ([0.0, 0.0], [0.0, 0.0], [0.0, 0.0])
     """
-    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
-    if any((not isinstance(d, int)) or isinstance(d, bool) or d < 0 for d in shape):
-        raise ValueError(f"feature_shape must be non-negative ints, got {feature_shape!r}")
+    shape = feature_shape_of(feature_shape)
     dt = stats_dtype(dtype)
     real = np.dtype(jnp.finfo(dt).dtype)
     return Moments(mean=jnp.zeros(shape, dt), var=jnp.zeros(shape, real), count=jnp.zeros(shape, jnp.float32))

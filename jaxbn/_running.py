@@ -101,6 +101,17 @@ def warn_narrow_state(dtype: DTypeLike, momentum: object, where: str) -> None:
     )
 
 
+def feature_shape_of(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """`feature_shape` (a count or a shape; Python or numpy ints) as a tuple of ints, or a ValueError."""
+    try:
+        dims: tuple[object, ...] = (feature_shape,) if _is_int(feature_shape) else tuple(feature_shape)  # type: ignore[arg-type]
+    except TypeError:  # neither an int nor a sequence (a bool, a float)
+        dims = (None,)
+    if any((not _is_int(d)) or d < 0 for d in dims):  # type: ignore[operator]
+        raise ValueError(f"feature_shape must be non-negative ints, got {feature_shape!r}")
+    return tuple(int(d) for d in dims)  # type: ignore[call-overload]
+
+
 def init_stats(feature_shape: int | Sequence[int], dtype: DTypeLike = jnp.float32) -> RunningStats:
     """Fresh running statistics: mean 0, var 1, count 0.
 
@@ -123,10 +134,7 @@ def init_stats(feature_shape: int | Sequence[int], dtype: DTypeLike = jnp.float3
     >>> stats.mean.tolist(), stats.var.tolist(), int(stats.count)
     ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
     """
-    dims: tuple[object, ...] = (feature_shape,) if _is_int(feature_shape) else tuple(feature_shape)  # type: ignore[arg-type]
-    if any((not _is_int(d)) or d < 0 for d in dims):  # type: ignore[operator]
-        raise ValueError(f"feature_shape must be non-negative ints, got {feature_shape!r}")
-    shape = tuple(int(d) for d in dims)  # type: ignore[call-overload]
+    shape = feature_shape_of(feature_shape)
     try:
         dt = np.dtype(dtype)
     except TypeError as e:

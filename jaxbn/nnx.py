@@ -198,6 +198,7 @@ class BatchNorm(nnx.Module):
         self.strategy = strategy
         self.collect_moments = False
         self.accumulate_moments = False
+        self.frozen = False  # set by `freeze`: on its running statistics whatever the call or the view says
         self._options()  # bad options fail here, when the layer is built
 
     def __call__(
@@ -220,7 +221,7 @@ class BatchNorm(nnx.Module):
             use_running_average = nnx.module.first_from(
                 use_running_average, self.use_running_average, error_msg=_NO_MODE
             )
-        training = self.collect_moments or not use_running_average
+        training = not self.frozen and (self.collect_moments or not use_running_average)
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         raw_mean, raw_var = self.mean[...], self.var[...]
@@ -278,8 +279,9 @@ def freeze(model: nnx.Module) -> nnx.Module:
     Fine-tuning with frozen batch norms (torchvision's / detectron2's
     `FrozenBatchNorm2d`, praxis' `force_eval_mode`): every jaxbn BatchNorm of
     the view has `use_running_average=True`, so it normalizes with `mean` and
-    `var` and never updates them; every other module keeps its mode
-    (dropout still trains). The view shares its variables with `model`,
+    `var` and never updates them, whatever a call (`use_running_average=False`)
+    or the view's mode (`.train()`) says later; every other module keeps its
+    mode (dropout still trains). The view shares its variables with `model`,
     which is not modified. Differentiate `nnx.Param` only (`nnx.grad`'s
     default) and the statistics, `nnx.BatchStat`, get no gradient; leave the
     layers' `scale` and `bias` out of the differentiated filter (or out of
@@ -299,7 +301,7 @@ def freeze(model: nnx.Module) -> nnx.Module:
     >>> frozen(jnp.array([[3.0], [5.0]])).round(3).tolist(), bn.mean[...].tolist()
     ([[3.0], [5.0]], [0.0])
     """
-    return nnx.with_attributes(model, only=BatchNorm, use_running_average=True)
+    return nnx.with_attributes(model, only=BatchNorm, use_running_average=True, frozen=True)
 
 
 def _layers(model: nnx.Module) -> list[BatchNorm]:

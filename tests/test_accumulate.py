@@ -118,6 +118,17 @@ def test_accumulate_errors():
         jaxbn.commit_moments(jaxbn.init_stats(3), m, apply=jnp.ones(2, jnp.int32))
     with pytest.raises(ValueError, match="feature_shape must be non-negative ints"):
         jaxbn.empty_moments(-1)
+    with pytest.raises(ValueError, match="feature_shape must be non-negative ints"):
+        jaxbn.empty_moments(True)
+
+
+def test_empty_moments_takes_the_feature_shapes_init_stats_takes():
+    """numpy integers (a shape read off an array) are feature shapes, as for init_stats."""
+    for shape in (np.int64(3), (np.int32(2), 3), np.array([2, 3])):
+        want = np.shape(jaxbn.init_stats(shape).mean)
+        m = jaxbn.empty_moments(shape)
+        assert m.mean.shape == m.var.shape == m.count.shape == want
+        assert not np.any(np.asarray(m.count))
 
 
 # ---------------------------------------------------------------- Linen and NNX: a two-layer model

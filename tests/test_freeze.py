@@ -132,6 +132,37 @@ def test_nnx_freeze(affine):
     assert not np.allclose(np.asarray(model.bn.mean[...]), MEAN)
 
 
+class NNXTrainingCall(nnx.Module):
+    """A model that asks its batch norm for training at call time, as some user models do."""
+
+    def __init__(self, rngs):
+        self.bn = jaxbn.nnx.BatchNorm(3, momentum=0.9, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(x, use_running_average=False)
+
+
+@pytest.mark.parametrize("undo", ["view.train()", "call-time use_running_average=False"])
+def test_nnx_freeze_holds_whatever_the_mode_says(undo):
+    """The frozen view normalizes with the stored statistics (float64 reference) and leaves them alone,
+    after `.train()` on the view (the usual first line of an NNX loop) or under a call-time override."""
+    model = NNXNet(nnx.Rngs(0)) if undo == "view.train()" else NNXTrainingCall(nnx.Rngs(0))
+    model.bn.mean[...] = jnp.asarray(MEAN)
+    model.bn.var[...] = jnp.asarray(VAR)
+    frozen = jaxbn.nnx.freeze(model)
+    if undo == "view.train()":
+        frozen.train()
+        x = np.asarray(model.dense0(jnp.asarray(X)))
+    else:
+        x = np.asarray(X[:, :3])
+    y = frozen.bn(jnp.asarray(x)) if undo == "view.train()" else frozen(jnp.asarray(x))
+    want = (x.astype(np.float64) - MEAN) / np.sqrt(np.asarray(VAR, np.float64) + 1e-5)
+    want = want * np.asarray(model.bn.scale[...]) + np.asarray(model.bn.bias[...])
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(model.bn.mean[...]), MEAN)
+    np.testing.assert_array_equal(np.asarray(model.bn.var[...]), VAR)
+
+
 # ---------------------------------------------------------------- Equinox
 
 
