@@ -87,7 +87,7 @@ def batch_mask(mask: ArrayLike) -> Iterator[jax.Array]:
 
     Args:
       mask: a boolean (or 0/1 integer) array of at least one axis, the shape
-        of the leading axes of every batch-norm input.
+        of the first axes of every batch-norm input.
 
     Returns:
       A context manager; it yields the mask as a boolean array.
@@ -133,7 +133,7 @@ def current_batch_mask(x_shape: Sequence[int], target: str = "x") -> jax.Array |
     shape = tuple(x_shape)
     if mask.ndim > len(shape) or mask.shape != shape[: mask.ndim]:
         raise ValueError(
-            f"batch_mask's mask of shape {mask.shape} does not match the leading axes of a batch norm's {target} of "
-            f"shape {shape}; the mask covers the leading (batch) axes of every layer's input"
+            f"batch_mask's mask of shape {mask.shape} does not match the first axes of a batch norm's {target} of "
+            f"shape {shape}; the mask covers the first (batch) axes of every layer's input"
         )
     return mask.reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
