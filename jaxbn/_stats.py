@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -293,25 +294,68 @@ def _wide_combine(
     shift shared by the parts, so any running mean (NaN, inf, different per
     device) changes nothing. A Python-int `n` (no mask: every part the same,
     known when tracing) is not summed: N = n * parts.
+
+    Differentiated by its own rule (`_wide_combine_jvp`), in the statistics
+    dtype: the float64 values are made under `jax.enable_x64`, which JAX does
+    not hold when it differentiates a traced program later (`grad` of a
+    `jit`, `scan` or `remat` that contains this), so no float64 op may be
+    left for JAX's own differentiation rules.
     """
+    if isinstance(n, int):
+        return _wide_sums((total, parts, n), 0, mean, lo, m2)
+    return _wide_sums((total, parts, None), n, mean, lo, m2)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _wide_sums(
+    static: tuple[Callable[[jax.Array], jax.Array], int, int | None], n: jax.Array | int, mean: jax.Array,
+    lo: jax.Array, m2: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`_wide_combine`'s float64 sums; `static` is (total, parts, the Python-int count or None)."""
+    total, parts, fixed_n = static
     dt, rdt = mean.dtype, m2.dtype
     cplx = jnp.iscomplexobj(mean)
     with jax.enable_x64(True):
         wide, wide_c = np.dtype(np.float64), np.dtype(np.complex128 if cplx else np.float64)
-        n64 = jnp.asarray(n, wide)
+        n64 = jnp.asarray(n if fixed_n is None else fixed_n, wide)
         d = mean.astype(wide_c) + lo.astype(wide_c)
         rows = [*_pack(n64.astype(wide_c) * d), m2.astype(wide) + n64 * _abs_sq(d)]
-        counted = not isinstance(n, int)
-        if counted:
+        if fixed_n is None:
             rows.insert(0, jnp.broadcast_to(n64, m2.shape))
         r = total(jnp.stack([jnp.broadcast_to(v, m2.shape) for v in rows]))
-        big_n = r[0] if counted else jnp.full(r.shape[1:], float(n * parts), wide)
-        s = r[1:] if counted else r
+        big_n = r[0] if fixed_n is None else jnp.full(r.shape[1:], float(fixed_n * parts), wide)
+        s = r[1:] if fixed_n is None else r
         safe_n = jnp.maximum(big_n, 1.0)
         s1 = _unpack(list(s[:-1]), cplx)
         gmean = s1 / safe_n.astype(s1.dtype)
         var = jnp.maximum(s[-1] - _abs_sq(s1) / safe_n, 0.0) / safe_n
         return big_n.astype(rdt), gmean.astype(dt), var.astype(rdt)
+
+
+@_wide_sums.defjvp
+def _wide_combine_jvp(
+    static: tuple[Callable[[jax.Array], jax.Array], int, int | None], primals: tuple, tangents: tuple
+) -> tuple[tuple, tuple]:
+    """Tangents of (N, mean, var) in the statistics dtype, through one more `total` (linear: one transposed sum).
+
+    With `d_i = mean_i + lo_i` and N fixed: d mean = sum n_i dd_i / N and
+    d var = (sum dM2_i + 2 sum n_i Re(conj(d_i - mean) dd_i)) / N (the term
+    in d mean vanishes because sum n_i (d_i - mean) = 0).
+    """
+    total, _, fixed_n = static
+    n, mean, lo, m2 = primals
+    _, dmean, dlo, dm2 = tangents
+    out = _wide_sums(static, n, mean, lo, m2)
+    big_n, gmean, _ = out
+    nf = jnp.asarray(n if fixed_n is None else fixed_n, m2.dtype)
+    dd = dmean + dlo
+    delta = (mean - gmean) + lo
+    cross = (jnp.conj(delta) * dd).real if jnp.iscomplexobj(dd) else delta * dd
+    rows = [*_pack(nf.astype(dd.dtype) * dd), dm2 + 2.0 * nf * cross]
+    t = total(jnp.stack([jnp.broadcast_to(v, m2.shape) for v in rows]))
+    safe_n = jnp.maximum(big_n, 1.0)
+    dgmean = _unpack(list(t[:-1]), jnp.iscomplexobj(dd)) / safe_n.astype(dd.dtype)
+    return out, (jnp.zeros_like(big_n), dgmean, t[-1] / safe_n)
 
 
 def _chan_parts(

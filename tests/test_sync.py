@@ -129,6 +129,39 @@ def test_vmap_with_gradient_taken_outside():
     np.testing.assert_allclose(dbias, EXPECTED["dbias"], rtol=2e-5, atol=2e-4)
 
 
+@pytest.mark.parametrize("wrap", ["jit", "scan", "remat", "jvp"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradient_of_a_traced_program_holding_the_sync(wrap, masked):
+    """`grad` of a program that was traced before it is differentiated (an inner `jit`, a `scan` body, `remat`,
+    forward mode): JAX differentiates it after the statistics were traced, and still gets the global loss's
+    gradient. d/dx_j of sum_c a_c mean_c + b_c var_c is w_j (a_c + 2 b_c (x_jc - mean_c)) / N."""
+    x = X + np.float32(1e3)
+    mask = MASK if masked else np.ones_like(MASK)
+    a, b = SCALE, BIAS
+
+    def stats(xb, mb):
+        m = jaxbn.moments(xb, mask=mb if masked else None, axis_name="d")
+        return jnp.sum(a * m.mean + b * m.var)
+
+    inner = {"jit": jax.jit(stats), "remat": jax.checkpoint(stats), "jvp": stats, "scan": stats}[wrap]
+
+    def loss(x):
+        per_device = jax.vmap(inner, axis_name="d")
+        if wrap == "scan":
+            return jax.lax.scan(lambda c, xs: (c + per_device(xs, mask)[0], None), 0.0, x[None])[0]
+        return per_device(x, mask)[0]
+
+    if wrap == "jvp":
+        grad = jax.jacfwd(loss)(x)
+    else:
+        grad = jax.jit(jax.grad(loss))(x)
+    xs, w = x.reshape(-1, C).astype(np.float64), np.asarray(mask, np.float64).reshape(-1, 1)
+    n = w.sum()
+    mean = (w * xs).sum(0) / n
+    want = w * (a + 2 * b * (xs - mean)) / n
+    np.testing.assert_allclose(np.asarray(grad).reshape(-1, C), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", ["gather", "psum"])
 def test_pmap_over_vmap_with_tuple_axis_name(strategy):
     def inner(*a):
