@@ -14,7 +14,7 @@ that micro-batch's moments.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -217,3 +217,26 @@ def commit_moments(
     out_stats = RunningStats(*(select(a, b) for a, b in zip(new, stats, strict=True)))
     out_pool = Moments(*(select(a, b) for a, b in zip(empty, pooled, strict=True)))
     return out_stats, out_pool
+
+
+def commit_layer(
+    stats: RunningStats, pooled: Moments, *, apply: ArrayLike, momentum: float | None, unbiased: bool
+) -> tuple[RunningStats, Moments]:
+    """`commit_moments` for a module's layer, or for a stack of layers (`nn.scan`, `nnx.vmap`).
+
+    A stack's `count` has the stack's leading axes of `stats.mean` (one count
+    per layer): each layer is committed with its own count.
+
+    >>> stats = RunningStats(jnp.zeros((2, 1)), jnp.ones((2, 1)), jnp.array([0, 1]))
+    >>> pooled = Moments(jnp.full((2, 1), 4.0), jnp.zeros((2, 1)), jnp.ones((2, 1)))
+    >>> new, _ = commit_layer(stats, pooled, apply=True, momentum=None, unbiased=False)
+    >>> new.mean.tolist(), new.count.tolist()
+    ([[4.0], [2.0]], [1, 2])
+    """
+    commit: Callable[..., tuple[RunningStats, Moments]]
+    commit = functools.partial(commit_moments, apply=apply, momentum=momentum, unbiased=unbiased)
+    lead = jnp.ndim(stats.count)
+    if 0 < lead < jnp.ndim(stats.mean) and jnp.shape(stats.count) == jnp.shape(stats.mean)[:lead]:
+        for _ in range(lead):
+            commit = jax.vmap(commit)
+    return commit(stats, pooled)

@@ -24,7 +24,7 @@ from flax.typing import Initializer, VariableDict
 from jax.nn import initializers
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn._accumulate import commit_moments as _commit
+from jaxbn._accumulate import commit_layer
 from jaxbn._checks import AxisIndexGroups, AxisName, Strategy, check_mask
 from jaxbn._convert import FirstUse, batch_mask, check_overrides, current_batch_mask
 from jaxbn._dtypes import as_float
@@ -50,10 +50,11 @@ __all__ = [
 #: ``model.apply(variables, x, mutable=[jaxbn.linen.MOMENTS])``, then `commit_moments` once per step.
 MOMENTS = "batch_moments"
 
-_LIFTED = (
-    "a lifted transform (nn.scan, nn.vmap, ...) around them must list the collection "
-    f"{PRECISE_COLLECTION!r} in variable_axes, e.g. variable_axes={{True: 0}}"
-)
+
+def _lifted(collection: str) -> str:
+    return (f"a lifted transform (nn.scan, nn.vmap, ...) around the layer must list the collection {collection!r} "
+            "in variable_axes, e.g. variable_axes={True: 0}")
+
 
 # Set by `freeze` around each jaxbn BatchNorm call it intercepts: None, "stats" or "all" (affine too).
 _FROZEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxbn_linen_frozen", default=None)
@@ -69,6 +70,16 @@ def _collects_moments(module: nn.Module, collection: str = PRECISE_COLLECTION) -
     not a request to collect, so a collection nobody names must not be.
     """
     return module.is_mutable_collection(collection) and not module.is_mutable_collection(_ANY_COLLECTION)
+
+
+def _check_lifted(module: nn.Module, collection: str, what: str) -> None:
+    """Raises if an enclosing module makes `collection` mutable by name but `module` (inside a lifted transform
+    that does not carry the collection) cannot write it: its moments would be lost."""
+    if _collects_moments(module, collection):
+        return
+    outer = (m for m in nn.module._context.module_stack if isinstance(m, nn.Module) and m.scope is not None)
+    if any(_collects_moments(m, collection) for m in outer):
+        raise ValueError(f"{what} of the BatchNorm layer {'/'.join(module.path)!r}: {_lifted(collection)}")
 
 
 class BatchNorm(nn.Module):
@@ -159,7 +170,9 @@ class BatchNorm(nn.Module):
         collection `MOMENTS` (``"batch_moments"``) is mutable by name, a
         training layer normalizes as usual but pools the moments of `x` there
         (a `LayerMoments`) instead of updating its running stats: gradient
-        accumulation, committed once per step by `commit_moments`.
+        accumulation, committed once per step by `commit_moments`. Inside a
+        lifted transform (`nn.scan`, `nn.vmap`, ...) that does not list the
+        collection in its `variable_axes`, either mode raises a ValueError.
 
         Args:
           x: the input, shape (..., features, ...).
@@ -173,6 +186,8 @@ class BatchNorm(nn.Module):
         """
         initializing = self.is_initializing()
         frozen = _FROZEN.get()
+        if not (initializing or frozen):
+            _check_lifted(self, PRECISE_COLLECTION, "recompute_batch_stats cannot collect the moments")
         collecting = not initializing and not frozen and _collects_moments(self)
         if not (collecting and self.use_running_average is None and use_running_average is None) and not frozen:
             use_running_average = nn.merge_param(
@@ -180,6 +195,8 @@ class BatchNorm(nn.Module):
             )
         training = collecting or not (frozen or use_running_average)
         accumulating = training and not (initializing or collecting) and _collects_moments(self, MOMENTS)
+        if training and not (initializing or collecting):
+            _check_lifted(self, MOMENTS, f"gradient accumulation ({MOMENTS!r} is mutable) cannot pool the moments")
         options = Options.of(self)
         x = as_float(x)
         fshape = Layout.of(x.shape, self.axis).feature_shape
@@ -276,19 +293,6 @@ def freeze(apply_fn: Callable[..., Any], *, affine: bool = True) -> Callable[...
     return frozen
 
 
-def _note_layer(
-    ran: set[tuple[str, ...]],
-    next_fun: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    context: nn.module.InterceptorContext,
-) -> Any:
-    """A method interceptor that records the path of every jaxbn BatchNorm called (not its mode)."""
-    if isinstance(context.module, BatchNorm) and context.method_name == "__call__":
-        ran.add(tuple(context.module.path))
-    return next_fun(*args, **kwargs)
-
-
 def recompute_batch_stats(
     model: nn.Module, variables: VariableDict, batches: Iterable[object], **apply_kwargs: Any
 ) -> VariableDict:
@@ -342,17 +346,15 @@ def recompute_batch_stats(
     run_jit = jax.jit(run)
     parts: dict[tuple[str, ...], list[BatchMoments]] = {}
     unbiased: dict[tuple[str, ...], bool] = {}
-    ran: set[tuple[str, ...]] = set()  # diagnostics only: the layers seen while tracing
     n_batches = 0
-    with nn.intercept_methods(functools.partial(_note_layer, ran)):
-        for batch in batches:
-            args = batch if isinstance(batch, tuple) else (batch,)
-            for path, sown in traverse_util.flatten_dict(run_jit(variables, args)).items():
-                layer = path[:-1]  # (..., module, "moments") -> the module's path
-                for part, flag in sown:
-                    parts.setdefault(layer, []).append(part)
-                    unbiased[layer] = unbiased.get(layer, False) or bool(jnp.any(flag))
-            n_batches += 1
+    for batch in batches:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        for path, sown in traverse_util.flatten_dict(run_jit(variables, args)).items():
+            layer = path[:-1]  # (..., module, "moments") -> the module's path
+            for part, flag in sown:
+                parts.setdefault(layer, []).append(part)
+                unbiased[layer] = unbiased.get(layer, False) or bool(jnp.any(flag))
+        n_batches += 1
     if n_batches == 0:
         raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")
     if not parts:
@@ -360,12 +362,7 @@ def recompute_batch_stats(
             f"no jaxbn.linen.BatchNorm layer reported its moments in {type(model).__name__}: "
             "recompute_batch_stats only recomputes jaxbn's layers (flax.linen.BatchNorm layers do not report "
             "their moments: run jaxbn.linen.convert(jaxbn.linen.recompute_batch_stats)(model, ...) to convert "
-            f"them), and {_LIFTED}"
-        )
-    silent = sorted("/".join(p) for p in ran - set(parts))
-    if silent:
-        raise ValueError(
-            f"recompute_batch_stats cannot collect the moments of the BatchNorm layer(s) {silent}: {_LIFTED}"
+            f"them), and {_lifted(PRECISE_COLLECTION)}"
         )
     stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
     for layer, layer_parts in parts.items():
@@ -374,7 +371,7 @@ def recompute_batch_stats(
         )
         stats[layer + ("mean",)], stats[layer + ("var",)] = mean, var
         if layer + ("count",) in stats:
-            stats[layer + ("count",)] = jnp.asarray(n_batches, jnp.int32)
+            stats[layer + ("count",)] = jnp.full_like(stats[layer + ("count",)], n_batches)  # one per stacked layer
     out = {**variables, "batch_stats": traverse_util.unflatten_dict(stats)}
     return FrozenDict(out) if isinstance(variables, FrozenDict) else out
 
@@ -393,8 +390,15 @@ def commit_moments(
     collections yourself, e.g. the stacked output of a `jax.lax.scan`, with
     ``jaxbn.combine_moments(stacked, stacked=True)``). Then this function
     updates each layer's `batch_stats` once, with its own `momentum` and
-    `unbiased`, exactly as one training step on the whole batch would
-    (`jaxbn.commit_moments`), and empties the pools.
+    `unbiased`, from the moments of the step's whole batch (all its
+    micro-batches together; `jaxbn.commit_moments`), and empties the pools.
+    That is one training step on the whole batch, except with
+    `virtual_batch_size`: such a step stores the average of its ghost
+    batches' moments, the commit the whole batch's (whose variance also holds
+    the spread between the ghost batches' means). Layers stacked by
+    `nn.scan` / `nn.vmap` with ``momentum=None`` (a `count` per layer) are
+    each updated with their own count. Layers inside a lifted transform need
+    the collection `MOMENTS` in its `variable_axes` (``{True: 0}`` covers it).
 
     Args:
       batch_stats: the model's `batch_stats` collection.
@@ -439,7 +443,7 @@ def commit_moments(
         count_key = layer + ("count",)
         old = RunningStats(stats[layer + ("mean",)], stats[layer + ("var",)],
                            stats.get(count_key, jnp.zeros((), jnp.int32)))
-        new, emptied = _commit(old, pool.moments, apply=apply, momentum=pool.momentum, unbiased=pool.unbiased)
+        new, emptied = commit_layer(old, pool.moments, apply=apply, momentum=pool.momentum, unbiased=pool.unbiased)
         stats[layer + ("mean",)], stats[layer + ("var",)] = new.mean, new.var
         if count_key in stats:
             stats[count_key] = new.count

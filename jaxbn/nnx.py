@@ -20,8 +20,7 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Initializer
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn._accumulate import combine_moments, empty_moments
-from jaxbn._accumulate import commit_moments as _commit
+from jaxbn._accumulate import combine_moments, commit_layer, empty_moments
 from jaxbn._checks import AxisIndexGroups, AxisName, Strategy, check_mask
 from jaxbn._convert import check_overrides, warn_no_layer
 from jaxbn._dtypes import as_float
@@ -419,15 +418,23 @@ def commit_moments(model: nnx.Module, *, apply: ArrayLike = True) -> None:
     """The step boundary of gradient accumulation: one running-stat update per layer, in place.
 
     Every accumulating `jaxbn.nnx.BatchNorm` of `model` (see `accumulate`)
-    updates `mean`, `var` (and `count`) from its pooled moments with its own
-    `momentum` and `unbiased`, exactly as one training call on the step's
-    whole batch would (`jaxbn.commit_moments`), and empties its pools.
+    updates `mean`, `var` (and `count`) once from its pooled moments, those of
+    the step's whole batch (all its micro-batches together), with its own
+    `momentum` and `unbiased` (`jaxbn.commit_moments`), and empties its
+    pools. That is one training call on the whole batch, except with
+    `virtual_batch_size`: such a call stores the average of its ghost
+    batches' moments, the commit the whole batch's (whose variance also holds
+    the spread between the ghost batches' means). Layers stacked by
+    `nnx.vmap` with ``momentum=None`` (a `count` per layer) are each updated
+    with their own count.
 
     Args:
       model: an NNX model in accumulation mode.
-      apply: whether this is the step boundary: a bool or a scalar bool array,
-        e.g. ``optax.MultiSteps(...).has_updated(opt_state)``; where False
-        nothing changes.
+      apply: whether this is the step boundary: a bool or a scalar bool array
+        (or an `nnx.Variable` holding one), e.g.
+        ``tx.has_updated(opt_state)`` for ``tx = optax.MultiSteps(...)``; with
+        `nnx.Optimizer`, ``tx.has_updated(nnx.as_pure(optimizer.opt_state))``
+        (optax reads plain arrays). Where False nothing changes.
 
     Raises:
       ValueError: if no layer of the model accumulates (call `accumulate`).
@@ -452,7 +459,7 @@ def commit_moments(model: nnx.Module, *, apply: ArrayLike = True) -> None:
     for layer in layers:
         count = layer.count[...] if layer.momentum is None else jnp.zeros((), jnp.int32)
         old = RunningStats(layer.mean[...], layer.var[...], count)
-        new, emptied = _commit(old, layer._pool(), apply=apply, momentum=layer.momentum, unbiased=layer.unbiased)
+        new, emptied = commit_layer(old, layer._pool(), apply=apply, momentum=layer.momentum, unbiased=layer.unbiased)
         _assign(layer.mean, new.mean)
         _assign(layer.var, new.var)
         if layer.momentum is None:

@@ -5,6 +5,9 @@ with the moments of the whole batch: each layer's inputs over all micro-batches 
 normalizing each micro-batch with its own moments as in training.
 """
 
+import os
+import re
+
 import equinox as eqx
 import flax.linen as nn
 import haiku as hk
@@ -364,6 +367,192 @@ def test_module_errors():
         jaxbn.nnx.commit_moments(model)
     with pytest.raises(ValueError, match="has no jaxbn.nnx.BatchNorm layer"):
         jaxbn.nnx.accumulate(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def _docs_block(section, subsection):
+    """The first ```python block under `## section` / `### subsection` of docs/recipes.md."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "recipes.md"), encoding="utf-8") as f:
+        text = f.read()
+    text = text[text.index(f"\n## {section}\n"):]
+    text = text[text.index(f"\n### {subsection}\n"):]
+    return re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+
+
+def test_nnx_optimizer_recipe_of_the_docs():
+    """docs/recipes.md's NNX recipe, as written there, with nnx.Optimizer and optax.MultiSteps: two optimizer
+    steps of K micro-batches; the parameters move at each step boundary and the running statistics take one
+    float64 whole-batch update per step, each with the parameters the step's micro-batches ran with."""
+    recipe = _docs_block("Gradient accumulation", "Flax NNX")
+    model, xs, masks, _ = _nnx_setup()
+    xs2, masks2 = _micro_batches(seed=1)
+    steps = [list(zip(xs, masks, strict=True)), list(zip(xs2, masks2, strict=True))]
+    roles = []
+    for micro_batches in steps:
+        roles.append(tuple(np.asarray(a[...], np.float64) for a in (
+            model.d1.kernel, model.d1.bias, model.bn1.scale, model.bn1.bias, model.d2.kernel, model.d2.bias)))
+        names = {"model": model, "k": K, "micro_batches": micro_batches, "optax": optax, "nnx": nnx, "jaxbn": jaxbn,
+                 "loss_fn": lambda model, batch: jnp.sum(model(*batch) ** 2)}
+        with jax.numpy_dtype_promotion("standard"):  # optax's MultiSteps divides floats by an int32
+            exec(compile(recipe, "docs/recipes.md", "exec"), names)
+    assert all(np.max(np.abs(a - b)) > 1e-4 for a, b in zip(roles[0], roles[1], strict=True))  # the step moved them
+    assert not hasattr(model.bn1, "pooled_mean")  # the recipe switched accumulation off again
+    want1, want2 = (0.0, 1.0, 0), (0.0, 1.0, 0)
+    for (x, m), p in zip(((xs, masks), (xs2, masks2)), roles, strict=True):
+        h1, h2 = _hand(x, m, *p)
+        every = np.concatenate(m)
+        want1 = ref.update(*want1, *ref.moments(h1, mask=every), momentum=0.9)
+        want2 = ref.update(*want2, *ref.moments(h2, mask=every), momentum=None, unbiased=True)
+    for got, want in (((model.bn1.mean, model.bn1.var), want1), ((model.bn2.mean, model.bn2.var), want2)):
+        np.testing.assert_allclose(got[0][...], want[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[1][...], want[1], rtol=1e-5)
+    assert int(model.bn2.count[...]) == want2[2] == 2
+
+
+# Stacked layers with momentum=None: one count per layer, each layer committed with its own count.
+
+_STACK_COUNT = np.array([0, 3], np.int32)
+
+
+def _stack_hand(xs, kernels, biases):
+    """Each of the two stacked layers' input over every micro-batch (float64): layer 1 takes layer 0's
+    output, normalized with its micro-batch's moments (scale 1, bias 0), through a Dense (kernels[0], biases[0])."""
+    h0 = [np.asarray(x, np.float64) for x in xs]
+    h1 = [ref.normalize(h, *ref.moments(h)[:2]) @ kernels[0] + biases[0] for h in h0]
+    return np.concatenate(h0), np.concatenate(h1)
+
+
+def _stack_check(mean, var, count, old_mean, old_var, xs, kernels, biases):
+    for layer, h in enumerate(_stack_hand(xs, kernels, biases)):
+        want = ref.update(old_mean[layer], old_var[layer], _STACK_COUNT[layer], *ref.moments(h), momentum=None)
+        np.testing.assert_allclose(mean[layer], want[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(var[layer], want[1], rtol=1e-5)
+        assert int(count[layer]) == want[2]
+
+
+class _LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.Dense(2)(jaxbn.linen.BatchNorm(use_running_average=False, momentum=None)(x)), None
+
+
+def test_linen_stacked_cumulative_layers_commit_each_with_its_count():
+    model = nn.scan(_LinenBlock, variable_axes={True: 0}, split_rngs={"params": True}, length=2)()
+    xs, _ = _micro_batches()
+    v = model.init(jax.random.key(0), xs[0], None)
+    rng = np.random.default_rng(5)
+    old_mean, old_var = rng.normal(size=(2, 2)), 1.0 + rng.random((2, 2))
+    bs = {"BatchNorm_0": {"mean": jnp.asarray(old_mean, jnp.float32), "var": jnp.asarray(old_var, jnp.float32),
+                          "count": jnp.asarray(_STACK_COUNT)}}
+    v = {"params": v["params"], "batch_stats": bs}
+    pools = {}
+    for x in xs:
+        _, upd = model.apply({**v, jaxbn.linen.MOMENTS: pools}, x, None, mutable=[jaxbn.linen.MOMENTS])
+        pools = upd[jaxbn.linen.MOMENTS]
+    new, _ = jaxbn.linen.commit_moments(bs, pools)
+    dense = v["params"]["Dense_0"]
+    _stack_check(new["BatchNorm_0"]["mean"], new["BatchNorm_0"]["var"], new["BatchNorm_0"]["count"], old_mean,
+                 old_var, xs, np.asarray(dense["kernel"], np.float64), np.asarray(dense["bias"], np.float64))
+
+
+class _NNXBlock(nnx.Module):
+    def __init__(self, key):
+        rngs = nnx.Rngs(key)
+        self.bn = jaxbn.nnx.BatchNorm(2, momentum=None, rngs=rngs)
+        self.dense = nnx.Linear(2, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(self.bn(x))
+
+
+class _NNXStack(nnx.Module):
+    def __init__(self):
+        self.blocks = nnx.vmap(_NNXBlock, in_axes=0, out_axes=0)(jax.random.split(jax.random.key(0), 2))
+
+    def __call__(self, x):
+        return nnx.scan(lambda x, block: block(x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+
+
+def test_nnx_stacked_cumulative_layers_commit_each_with_its_count():
+    model = _NNXStack()
+    bn = model.blocks.bn
+    rng = np.random.default_rng(5)
+    old_mean, old_var = rng.normal(size=(2, 2)), 1.0 + rng.random((2, 2))
+    bn.mean[...], bn.var[...], bn.count[...] = (jnp.asarray(old_mean, jnp.float32),
+                                                 jnp.asarray(old_var, jnp.float32), jnp.asarray(_STACK_COUNT))
+    jaxbn.nnx.accumulate(model)
+    xs, _ = _micro_batches()
+    for x in xs:
+        model(x)
+    jaxbn.nnx.commit_moments(model)
+    dense = model.blocks.dense
+    _stack_check(bn.mean[...], bn.var[...], bn.count[...], old_mean, old_var, xs,
+                 np.asarray(dense.kernel[...], np.float64), np.asarray(dense.bias[...], np.float64))
+
+
+class _VmappedLinen(nn.Module):
+    variable_axes: dict
+
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.vmap(jaxbn.linen.BatchNorm, variable_axes=self.variable_axes, split_rngs={"params": True},
+                        in_axes=0, out_axes=0)
+        return layer(use_running_average=False, momentum=0.9)(x)
+
+
+def test_linen_lifted_transform_without_the_moments_collection_raises():
+    """Inside nn.vmap without MOMENTS in variable_axes a layer cannot pool: it says so instead of updating
+    batch_stats on every micro-batch; with the collection each copy commits its own whole-batch moments."""
+    xs = [ref.normal(i, (2, n, 3)) + i for i, n in enumerate(SIZES)]  # (copies, entries, features)
+    lacking = _VmappedLinen({"params": 0, "batch_stats": 0})
+    v = lacking.init(jax.random.key(0), xs[0])
+    for mutable in ([jaxbn.linen.MOMENTS], [jaxbn.linen.MOMENTS, "batch_stats"]):
+        with pytest.raises(ValueError, match=r"VmapBatchNorm_0.*must list the collection 'batch_moments' in "
+                                             r"variable_axes, e.g. variable_axes=\{True: 0\}"):
+            lacking.apply(v, xs[0], mutable=mutable)
+    model = _VmappedLinen({True: 0})
+    pools = {}
+    for x in xs:
+        _, upd = model.apply({**v, jaxbn.linen.MOMENTS: pools}, x, mutable=[jaxbn.linen.MOMENTS])
+        pools = upd[jaxbn.linen.MOMENTS]
+    bs, _ = jaxbn.linen.commit_moments(v["batch_stats"], pools)
+    for copy in range(2):
+        want = ref.update(0.0, 1.0, 0, *ref.moments(np.concatenate([x[copy] for x in xs])), momentum=0.9)
+        np.testing.assert_allclose(bs["VmapBatchNorm_0"]["mean"][copy], want[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(bs["VmapBatchNorm_0"]["var"][copy], want[1], rtol=1e-5)
+
+
+def test_ghost_batches_commit_the_whole_batch_moments():
+    """With virtual_batch_size, accumulation commits the moments of the step's whole batch (the spread
+    between ghost batches included), not the average of the ghost batches' moments that one training call on
+    the whole batch stores; the two differ."""
+    rng = np.random.default_rng(8)
+    xs = [(rng.normal(size=(n, 2)) + 3.0 * rng.normal(size=(n // 2, 1, 2)).repeat(2, 0).reshape(n, 2))
+          .astype(np.float32) for n in (4, 6, 2)]  # ghost batches of 2 with far-apart means
+    every = np.concatenate(xs)
+    pooled = ref.update(0.0, 1.0, 0, *ref.moments(every), momentum=0.9)
+    one_call = ref.ghost_stats(every, 2, momentum=0.9)
+    assert np.all(pooled[1] > one_call[1] + 0.1)
+
+    bn = jaxbn.linen.BatchNorm(use_running_average=False, momentum=0.9, virtual_batch_size=2)
+    v = bn.init(jax.random.key(0), xs[0])
+    pools = {}
+    for x in xs:
+        _, upd = bn.apply({**v, jaxbn.linen.MOMENTS: pools}, x, mutable=[jaxbn.linen.MOMENTS])
+        pools = upd[jaxbn.linen.MOMENTS]
+    _, whole = bn.apply(v, every, mutable=["batch_stats"])
+    layer = jaxbn.nnx.BatchNorm(2, momentum=0.9, virtual_batch_size=2, rngs=nnx.Rngs(0))
+    jaxbn.nnx.accumulate(layer)
+    for x in xs:
+        layer(x)
+    jaxbn.nnx.commit_moments(layer)
+    plain = jaxbn.nnx.BatchNorm(2, momentum=0.9, virtual_batch_size=2, rngs=nnx.Rngs(0))
+    plain(every)
+    for got, want in ((jaxbn.linen.commit_moments(v["batch_stats"], pools)[0], pooled),
+                      (whole["batch_stats"], one_call),
+                      ({"mean": layer.mean[...], "var": layer.var[...]}, pooled),
+                      ({"mean": plain.mean[...], "var": plain.var[...]}, one_call)):
+        np.testing.assert_allclose(got["mean"], want[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["var"], want[1], rtol=1e-5)
 
 
 # ---------------------------------------------------------------- Equinox and Haiku

@@ -353,7 +353,7 @@ def test_linen_names_a_scanned_layer_that_cannot_report():
 
     x = np.asarray(_batches()[0])[None].repeat(3, 0)
     v = Mixed().init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match=r"cannot collect the moments of the BatchNorm layer\(s\) \['ScanBody_0/"):
+    with pytest.raises(ValueError, match=r"cannot collect the moments of the BatchNorm layer 'ScanBody_0/"):
         jaxbn.linen.recompute_batch_stats(Mixed(), v, [x])
 
 
@@ -504,3 +504,28 @@ def test_equinox_haiku_errors():
     params, hk_state = skipping.init(None, x, True)
     with pytest.raises(ValueError, match=r"the batch norm\(s\) \['batch_norm'\] were never called"):
         jaxbn.haiku.recompute_batch_stats(skipping, params, hk_state, [x], use=False)
+
+
+class _CumulativeBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.Dense(2)(jaxbn.linen.BatchNorm(use_running_average=False, momentum=None)(x)), None
+
+
+def test_linen_stacked_cumulative_layers_keep_one_count_per_layer():
+    """nn.scan-stacked momentum=None layers: each layer's population statistics, count one per layer (the
+    number of batches), and the model trains on afterwards."""
+    model = nn.scan(_CumulativeBlock, variable_axes={True: 0}, split_rngs={"params": True}, length=2)()
+    batches = _batches()
+    v = model.init(jax.random.key(0), batches[0], None)
+    out = jaxbn.linen.recompute_batch_stats(model, v, [(x, None) for x in batches])
+    k, b = (np.asarray(v["params"]["Dense_0"][n][0], np.float64) for n in ("kernel", "bias"))
+    h0 = [np.asarray(x, np.float64) for x in batches]
+    h1 = [(h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) @ k + b for h in h0]
+    stats = out["batch_stats"]["BatchNorm_0"]
+    for layer, h in enumerate((np.concatenate(h0), np.concatenate(h1))):
+        np.testing.assert_allclose(stats["mean"][layer], h.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats["var"][layer], h.var(0), rtol=1e-5)
+    np.testing.assert_array_equal(stats["count"], [len(batches)] * 2)
+    _, upd = model.apply(out, batches[0], None, mutable=["batch_stats"])
+    np.testing.assert_array_equal(upd["batch_stats"]["BatchNorm_0"]["count"], [len(batches) + 1] * 2)
