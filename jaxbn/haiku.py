@@ -80,10 +80,14 @@ def _ema_step(
     debias = jnp.where(counter_new > 0, one - lax.pow(decay, counter_new), one)
     old_hidden = hidden.astype(value.dtype)
     marked = (old_hidden == 0) & jnp.signbit(old_hidden.real)
-    fresh = (counter == 0) | marked
     hidden_new = jnp.where(marked, value * debias, old_hidden * decay + value * (one - decay))
     average_new = jnp.where(marked, value, hidden_new / debias)
-    return _EMAStep(counter_new, hidden_new, average_new, debias, fresh)
+    return _EMAStep(counter_new, hidden_new, average_new, debias, _fresh(counter, old_hidden))
+
+
+def _fresh(counter: jax.Array, hidden: jax.Array) -> jax.Array:
+    """Entries with no valid batch yet: the counter is 0, or hidden is marked -0.0."""
+    return (counter == 0) | ((hidden == 0) & jnp.signbit(hidden.real))
 
 
 def _ema_keep(
@@ -294,7 +298,7 @@ class BatchNorm(hk.Module):
         pooled = combine_moments(Moments(*old), part)
         for name, value, stored in zip(_POOL, pooled, old, strict=True):
             hk.set_state(name, value.astype(stored.dtype))
-        hk.set_state(_DECAY, jnp.asarray(self.mean_ema.decay, jnp.float32))
+        hk.set_state(_DECAY, jnp.full_like(hk.get_state(_DECAY), self.mean_ema.decay))  # the state's dtype
 
     def __call__(
         self,
@@ -468,9 +472,23 @@ def _no_layer(what: str) -> ValueError:
 
 
 def _empty_pool(state: Mapping[str, Any], name: str) -> dict[str, jax.Array]:
-    average = jnp.asarray(state[name + _EMAS[0]]["average"])
+    """A layer's empty pool; `decay` has the shape of `counter` (one per layer of an `hk.layer_stack`) and the
+    dtype of the statistics (float64 under jax x64)."""
+    ema = state[name + _EMAS[0]]
+    average = jnp.asarray(ema["average"])
     pool = dict(zip(_POOL, empty_moments(average.shape, average.dtype), strict=True))
-    return {**pool, _DECAY: jnp.full((), jnp.nan, jnp.float32)}
+    return {**pool, _DECAY: jnp.full(jnp.shape(ema["counter"]), jnp.nan, pool[_POOL[1]].dtype)}
+
+
+def _per_layer(fn: Callable[..., Any], state: Mapping[str, Any], name: str) -> Callable[..., Any]:
+    """`fn` of one layer's entries, mapped over the leading axes of an `hk.layer_stack` (those of `counter`)."""
+    for _ in range(jnp.ndim(state[name + _EMAS[0]]["counter"])):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _ema_entries(state: Mapping[str, Any], name: str) -> tuple[dict[str, jax.Array], ...]:
+    return tuple({k: jnp.asarray(state[name + s][k]) for k in ("counter", "hidden", "average")} for s in _EMAS)
 
 
 def accumulate(state: Mapping[str, Any], *, enable: bool = True) -> dict[str, Any]:
@@ -554,19 +572,24 @@ def commit_moments(state: Mapping[str, Any], *, apply: jax.typing.ArrayLike = Tr
     names = [n for n in _layers(state) if n in state and _POOL[0] in state[n] and _CALLS not in state[n]]
     if not names:
         raise ValueError("no batch norm accumulates moments in this state; pass jaxbn.haiku.accumulate(state)")
+
+    def commit_layer(pool: dict[str, jax.Array], *emas: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
+        pooled = Moments(*(pool[k] for k in _POOL))
+        valid = contributes(pooled)
+        out = []
+        for ema, value in zip(emas, (pooled.mean, pooled.var), strict=True):
+            step = _ema_step(ema["counter"], ema["hidden"], value, valid, pool[_DECAY])
+            hidden, average = _ema_keep(step, valid, ema["counter"], ema["hidden"], ema["average"])
+            out.append({"counter": step.counter, "hidden": hidden, "average": average})
+        return out
+
     out = dict(state)
     for name in names:
         pool = state[name]
-        pooled = Moments(*(jnp.asarray(pool[k]) for k in _POOL))
-        valid = contributes(pooled)
-        for suffix, value in zip(_EMAS, (pooled.mean, pooled.var), strict=True):
-            ema = state[name + suffix]
-            counter, hidden, average = (jnp.asarray(ema[k]) for k in ("counter", "hidden", "average"))
-            step = _ema_step(counter, hidden, value, valid, pool[_DECAY])
-            hidden_new, average_new = _ema_keep(step, valid, counter, hidden, average)
-            new = {"counter": step.counter, "hidden": hidden_new, "average": average_new}
-            old = {"counter": counter, "hidden": hidden, "average": average}
-            out[name + suffix] = {**ema, **_where(flag, new, old)}
+        emas = _ema_entries(state, name)
+        new_emas = _per_layer(commit_layer, state, name)({k: jnp.asarray(pool[k]) for k in (*_POOL, _DECAY)}, *emas)
+        for suffix, new, old in zip(_EMAS, new_emas, emas, strict=True):
+            out[name + suffix] = {**state[name + suffix], **_where(flag, new, old)}
         empty = {k: jnp.zeros_like(pool[k]) for k in _POOL}
         out[name] = {**pool, **_where(flag, empty, {k: pool[k] for k in _POOL})}
     return out
@@ -630,10 +653,18 @@ def recompute_batch_stats(
         raise _no_layer("recompute")
     collecting = dict(state)
     for name in names:
-        collecting[name] = {**state.get(name, {}), **_empty_pool(state, name), _CALLS: jnp.zeros((), jnp.int32)}
+        calls = jnp.zeros(jnp.shape(state[name + _EMAS[0]]["counter"]), jnp.int32)
+        collecting[name] = {**state.get(name, {}), **_empty_pool(state, name), _CALLS: calls}
+    haiku_layers: set[str] = set()  # haiku's own hk.BatchNorm layers: left alone
+
+    def record(next_f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ctx: hk.MethodContext) -> Any:
+        if isinstance(ctx.module, hk.BatchNorm) and ctx.method_name == "__call__":
+            haiku_layers.add(ctx.module.module_name)
+        return next_f(*args, **kwargs)
 
     def run(state: hk.State, args: tuple[object, ...]) -> hk.State:
-        return f.apply(params, state, rng, *args, **apply_kwargs)[1]
+        with hk.intercept_methods(record):
+            return f.apply(params, state, rng, *args, **apply_kwargs)[1]
 
     run_jit = jax.jit(run)
     n_batches = 0
@@ -642,31 +673,36 @@ def recompute_batch_stats(
         n_batches += 1
     if n_batches == 0:
         raise ValueError("batches is empty: recompute_batch_stats needs at least one batch")
-    missing = [n for n in names if int(collecting[n][_CALLS]) == 0]
+    called = [n for n in names if np.all(np.asarray(collecting[n][_CALLS]) > 0)]
+    missing = [n for n in names if n not in called and n not in haiku_layers]
     if missing:
         raise ValueError(
             f"the batch norm(s) {missing} were never called on the batches; recompute_batch_stats needs every "
             "layer to see the data"
         )
-    out = dict(state)
-    for name in names:
-        pool = collecting[name]
-        pooled = Moments(*(jnp.asarray(pool[k]) for k in _POOL))
-        decay = jnp.asarray(pool[_DECAY])
-        mean_ema, var_ema = (state[name + suffix] for suffix in _EMAS)
-        old_mean, old_var = jnp.asarray(mean_ema["average"]), jnp.asarray(var_ema["average"])
-        mean, var = population_from_pool(pooled, old_mean, old_var, unbiased=False)
+
+    def recompute_layer(pool: dict[str, jax.Array], *emas: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
+        pooled = Moments(*(pool[k] for k in _POOL))
+        mean, var = population_from_pool(pooled, emas[0]["average"], emas[1]["average"], unbiased=False)
         valid = pooled.count > 0
-        for suffix, ema, value in ((_EMAS[0], mean_ema, mean), (_EMAS[1], var_ema, var)):
-            counter = jnp.asarray(ema["counter"])
-            hidden = jnp.asarray(ema["hidden"])
-            debias = 1 - decay.astype(value.real.dtype) ** n_batches
-            out[name + suffix] = {
-                **ema,
-                "counter": jnp.asarray(n_batches, counter.dtype),
-                "hidden": _keep(valid, value * debias, hidden),
-                "average": value.astype(jnp.asarray(ema["average"]).dtype),
-            }
+        out = []
+        for ema, value in zip(emas, (mean, var), strict=True):
+            counter, hidden = ema["counter"], ema["hidden"]
+            debias = 1 - lax.convert_element_type(pool[_DECAY], value.real.dtype) ** n_batches
+            # as if one EMA step had taken the population statistics: features no batch reached keep their
+            # average, with hidden re-debiased to the new counter (still marked -0.0 if they never had a batch)
+            step = _EMAStep(jnp.asarray(n_batches, counter.dtype), value * debias, value, debias,
+                            _fresh(counter, hidden.astype(value.dtype)))
+            hidden, average = _ema_keep(step, valid, counter, hidden, ema["average"])
+            out.append({"counter": step.counter, "hidden": hidden, "average": average})
+        return out
+
+    out = dict(state)
+    for name in called:
+        pool = {k: jnp.asarray(collecting[name][k]) for k in (*_POOL, _DECAY)}
+        new_emas = _per_layer(recompute_layer, state, name)(pool, *_ema_entries(state, name))
+        for suffix, new in zip(_EMAS, new_emas, strict=True):
+            out[name + suffix] = {**state[name + suffix], **new}
     return out
 
 

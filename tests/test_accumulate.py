@@ -750,3 +750,78 @@ def test_inference_layers_neither_pool_nor_change():
     acc = jaxbn.haiku.accumulate(hk_state)
     _, acc = f.apply(params, acc, None, x, False)
     np.testing.assert_array_equal(acc["batch_norm"]["pooled_count"], 0.0)
+
+
+def _hk_ema(hidden, counter, value, decay):
+    """haiku's zero-debiased EMA step from its definition, float64: (hidden, counter, average)."""
+    hidden = decay * np.asarray(hidden, np.float64) + (1 - decay) * value
+    return hidden, counter + 1, hidden / (1 - decay ** (counter + 1))
+
+
+def test_haiku_x64_commit_is_exact_to_float64():
+    """Under jax x64 a float64 layer's pool keeps its decay in float64: the committed averages are haiku's EMA
+    of the whole batch's moments to float64 rounding (a float32 decay put them 1e-8 off)."""
+    xs, masks = _micro_batches()
+    with jax.enable_x64(True):
+        f = hk.transform_with_state(lambda x, m: jaxbn.haiku.BatchNorm(False, False, 0.9)(x, True, mask=m))
+        x0 = ref.normal(9, (4, 2)).astype(np.float64)
+        params, state0 = f.init(None, x0, None)
+        _, state0 = f.apply(params, state0, None, x0, None)  # counter 1: the decay shows
+        acc = jaxbn.haiku.accumulate(state0)
+        for x, m in zip(xs, masks, strict=True):
+            _, acc = f.apply(params, acc, None, x.astype(np.float64), m)
+        out = jaxbn.haiku.commit_moments(acc)
+    mean, var, _ = ref.moments(np.concatenate(xs), mask=np.concatenate(masks))
+    for suffix, value in (("mean_ema", mean), ("var_ema", var)):
+        old, new = state0[f"batch_norm/~/{suffix}"], out[f"batch_norm/~/{suffix}"]
+        hidden, counter, average = _hk_ema(old["hidden"][0], int(old["counter"]), value, 0.9)
+        assert new["average"].dtype == jnp.float64 and int(new["counter"]) == counter == 2
+        np.testing.assert_allclose(new["hidden"][0], hidden, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(new["average"][0], average, rtol=1e-12, atol=1e-14)
+
+
+def _hk_stacked(x, is_training):
+    def block(x):
+        return jaxbn.haiku.BatchNorm(True, True, 0.9)(hk.Linear(2)(x), is_training)
+
+    return hk.layer_stack(2)(block)(x)
+
+
+def _hk_stack_inputs(xs, p):
+    """Each stacked layer's input over the micro-batches (float64): layer l takes x @ w[l] + b[l], x the previous
+    layer's output normalized with its micro-batch's moments, scale[l] and offset[l]."""
+    p = {k.rsplit("/", 1)[-1]: v for k, v in p.items()}  # hk.layer_stack prefixes the module names
+    w, b = p["linear"]["w"], p["linear"]["b"]
+    scale, offset = p["batch_norm"]["scale"][:, 0], p["batch_norm"]["offset"][:, 0]
+    hs, inputs = [np.asarray(x, np.float64) for x in xs], []
+    for layer in range(2):
+        zs = [h @ w[layer] + b[layer] for h in hs]
+        inputs.append(np.concatenate(zs))
+        hs = [ref.normalize(z, *ref.moments(z)[:2], scale[layer], offset[layer]) for z in zs]
+    return inputs
+
+
+def test_haiku_layer_stack_accumulates_each_layer():
+    """Under hk.layer_stack each stacked layer pools its own input (one decay per layer) and commits one EMA
+    update from the whole batch's moments."""
+    xs, _ = _micro_batches()
+    f = hk.transform_with_state(_hk_stacked)
+    params, state0 = f.init(jax.random.key(0), xs[0], True)
+    params = jax.tree.map(lambda a: a + 0.5 * ref.normal(int(a.size), a.shape), params)
+    _, state0 = f.apply(params, state0, None, xs[0], True)  # counter 1: the decay shows
+    name = next(k for k in state0 if k.endswith("/~/mean_ema"))[: -len("/~/mean_ema")]
+    acc = jaxbn.haiku.accumulate(state0)
+    step = jax.jit(lambda acc, x: f.apply(params, acc, None, x, True)[1])
+    for x in xs:
+        acc = step(acc, x)
+    out = jaxbn.haiku.accumulate(jaxbn.haiku.commit_moments(acc), enable=False)
+    assert jax.tree.structure(out) == jax.tree.structure(state0)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    for layer, h in enumerate(_hk_stack_inputs(xs, p)):
+        mean, var, _ = ref.moments(h)
+        for suffix, value in (("mean_ema", mean), ("var_ema", var)):
+            old, new = state0[f"{name}/~/{suffix}"], out[f"{name}/~/{suffix}"]
+            hidden, counter, average = _hk_ema(old["hidden"][layer, 0], int(old["counter"][layer]), value, 0.9)
+            assert int(new["counter"][layer]) == counter
+            np.testing.assert_allclose(new["hidden"][layer, 0], hidden, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(new["average"][layer, 0], average, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ import jaxbn.equinox
 import jaxbn.haiku
 import jaxbn.linen
 import jaxbn.nnx
+from tests import reference as ref
 
 SIZES = (5, 8, 3)  # unequal batches: the statistics are count-weighted
 
@@ -529,3 +530,82 @@ def test_linen_stacked_cumulative_layers_keep_one_count_per_layer():
     np.testing.assert_array_equal(stats["count"], [len(batches)] * 2)
     _, upd = model.apply(out, batches[0], None, mutable=["batch_stats"])
     np.testing.assert_array_equal(upd["batch_stats"]["BatchNorm_0"]["count"], [len(batches) + 1] * 2)
+
+
+def _hk_ema_step(average, counter, value, decay):
+    """One step of haiku's zero-debiased EMA from a state (average, counter), float64: hidden is
+    average * (1 - decay ** counter); the new average is (decay * hidden + (1 - decay) * value) divided
+    by (1 - decay ** (counter + 1))."""
+    hidden = np.asarray(average, np.float64) * (1 - decay**counter)
+    return (decay * hidden + (1 - decay) * value) / (1 - decay ** (counter + 1))
+
+
+def test_haiku_unreached_features_train_on_from_their_kept_average():
+    """Features no batch reached keep their average, and the next training step is haiku's EMA step from it (and
+    from the new counter); a feature that never had a valid batch takes the next batch as it is."""
+    f = hk.transform_with_state(lambda x, m: jaxbn.haiku.BatchNorm(False, False, 0.9)(x, True, mask=m))
+    rng = np.random.default_rng(5)
+    data = [(5.0 + rng.normal(size=(6, 3))).astype(np.float32) for _ in range(6)]
+    never = np.array([[True, True, False]])  # the third feature is never valid before the last step
+    params, state = f.init(None, data[0], never)
+    for x in data[:3]:
+        _, state = f.apply(params, state, None, x, never)
+    reached = np.array([[True, False, False]])
+    out = jaxbn.haiku.recompute_batch_stats(f, params, state, [(x, reached) for x in data[3:5]])
+    _, after = f.apply(params, out, None, data[5], None)
+    population = np.concatenate(data[3:5]).astype(np.float64)
+    mean, var, _ = ref.moments(data[5])
+    for suffix, recomputed, value in (("mean_ema", population.mean(0), mean), ("var_ema", population.var(0), var)):
+        kept = np.asarray(state[f"batch_norm/~/{suffix}"]["average"][0], np.float64)
+        start = np.array([recomputed[0], kept[1], kept[2]])
+        want = _hk_ema_step(start, 2, value, 0.9)
+        want[2] = value[2]
+        got = after[f"batch_norm/~/{suffix}"]
+        assert int(got["counter"]) == 3
+        np.testing.assert_allclose(got["average"][0], want, rtol=1e-5, atol=1e-6)
+
+
+def _hk_stacked(x, is_training):
+    def block(x):
+        return jaxbn.haiku.BatchNorm(True, True, 0.9)(hk.Linear(2)(x), is_training)
+
+    return hk.layer_stack(2)(block)(x)
+
+
+def test_haiku_layer_stack_recomputes_each_layer():
+    batches = _batches()
+    f = hk.transform_with_state(_hk_stacked)
+    params, state = f.init(jax.random.key(0), batches[0], True)
+    params = jax.tree.map(lambda a: a + 0.5 * ref.normal(int(a.size), a.shape), params)
+    out = jaxbn.haiku.recompute_batch_stats(f, params, state, batches, is_training=False)
+    p = {k.rsplit("/", 1)[-1]: jax.tree.map(lambda a: np.asarray(a, np.float64), v) for k, v in params.items()}
+    w, b, scale, offset = p["linear"]["w"], p["linear"]["b"], p["batch_norm"]["scale"], p["batch_norm"]["offset"]
+    name = next(k for k in state if k.endswith("/~/mean_ema"))[: -len("/~/mean_ema")]
+    hs = [np.asarray(x, np.float64) for x in batches]
+    for layer in range(2):
+        zs = [h @ w[layer] + b[layer] for h in hs]
+        for suffix, want in (("mean_ema", np.concatenate(zs).mean(0)), ("var_ema", np.concatenate(zs).var(0))):
+            ema = out[f"{name}/~/{suffix}"]
+            assert int(ema["counter"][layer]) == len(SIZES)
+            np.testing.assert_allclose(ema["average"][layer, 0], want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(ema["hidden"][layer, 0], want * (1 - 0.9 ** len(SIZES)), rtol=1e-5, atol=1e-5)
+        hs = [ref.normalize(z, *ref.moments(z)[:2], scale[layer, 0], offset[layer, 0]) for z in zs]
+
+
+def test_haiku_leaves_haikus_own_batch_norm_alone():
+    """A model with haiku's own hk.BatchNorm too: jaxbn's layer is recomputed on its input (haiku's layer's
+    training output), haiku's layer keeps its state."""
+    def net(x, is_training):
+        x = hk.BatchNorm(False, False, 0.9, name="theirs")(x, is_training)
+        return jaxbn.haiku.BatchNorm(False, False, 0.9, name="ours")(2.0 * x + 1.0, is_training)
+
+    batches = _batches()
+    f = hk.transform_with_state(net)
+    with jax.numpy_dtype_promotion("standard"):  # haiku's own layer mixes int32 and float32
+        params, state = f.init(None, batches[0], True)
+        out = jaxbn.haiku.recompute_batch_stats(f, params, state, batches, is_training=True)
+    for suffix in ("mean_ema", "var_ema"):
+        jax.tree.map(np.testing.assert_array_equal, out[f"theirs/~/{suffix}"], state[f"theirs/~/{suffix}"])
+    h = np.concatenate([2.0 * ref.normalize(x, *ref.moments(x)[:2]) + 1.0 for x in batches])
+    np.testing.assert_allclose(out["ours/~/mean_ema"]["average"][0], h.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["ours/~/var_ema"]["average"][0], h.var(0), rtol=1e-4, atol=1e-5)
