@@ -11,9 +11,7 @@ import pytest
 from benchmarks import collectives as col
 from benchmarks import hlo
 
-needs8 = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)"
-)
+needs8 = pytest.mark.usefixtures("eight_devices")  # fewer devices: a failure saying why, never a skip
 
 
 @pytest.fixture(scope="module")

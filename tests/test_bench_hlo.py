@@ -10,9 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks import hlo
 
-needs8 = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)"
-)
+needs8 = pytest.mark.usefixtures("eight_devices")  # fewer devices: a failure saying why, never a skip
 
 COLLECTIVES = """
 HloModule m

@@ -77,7 +77,7 @@ def test_the_models_have_a_bn_after_every_conv():
         assert "batch_stats" not in jax.eval_shape(resnet.resnet(arch, "identity", width=4).init, jax.random.key(0), x)
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (the root conftest.py sets 8 fake CPU devices)")
+@pytest.mark.usefixtures("eight_devices")  # fewer devices: a failure saying why, never a skip
 @pytest.mark.parametrize("placement", ["shard_map", "jit", "pmap"])
 def test_sharded_steps_communicate_and_identity_only_for_gradients(placement):
     case = grid.ModelCase("resnet10", 8, 16, 4)

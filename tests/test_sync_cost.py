@@ -24,9 +24,7 @@ from tests import reference as ref
 D, B, C = 8, 4, 3
 VALID = np.array([4, 1, 3, 0, 2, 4, 1, 2])  # unequal valid rows per device; device 3 holds none
 
-pytestmark = pytest.mark.skipif(
-    jax.device_count() < D, reason=f"needs {D} devices (the root conftest.py sets 8 fake CPU devices)"
-)
+pytestmark = pytest.mark.usefixtures("eight_devices")  # fewer devices: every test fails, saying why
 
 
 def _batch(offset=3.0, seed=0):
