@@ -500,8 +500,12 @@ def accumulate(state: Mapping[str, Any], *, enable: bool = True) -> dict[str, An
     `jaxbn.combine_moments`) into its own state entry (``name`` beside
     ``name/~/mean_ema``); `commit_moments` updates the averages once per
     optimizer step. The state's structure stays the same from call to call
-    (a `jax.lax.scan` carry, or beside an `optax.MultiSteps` state).
+    (a `jax.lax.scan` carry, or beside an `optax.MultiSteps` state). Layers
+    stacked by `hk.layer_stack` pool each on their own.
     `enable=False` removes the pools (commit first: pending moments are dropped).
+    The state does not tell haiku's own `hk.BatchNorm` from jaxbn's: such a
+    layer gets a pool it never uses (`commit_moments` leaves the layer alone)
+    and goes on updating on every call; `convert` the model to accumulate it.
 
     Args:
       state: the state of a `hk.transform_with_state` function (after `init`).
@@ -621,9 +625,12 @@ def recompute_batch_stats(
     of its input over every valid entry of every batch and the biased
     variance about it (the spread of the batch means counts too). Masks are
     respected; a batch whose moments are not finite is left out per feature;
-    features no batch reached keep their values. ``counter`` becomes the
+    features no batch reached keep their ``average``. ``counter`` becomes the
     number of batches and ``hidden`` is set to match it (``average * (1 -
-    decay ** counter)``), so later training continues haiku's EMA from there.
+    decay ** counter)``, for the kept features too; one that never had a valid
+    batch stays marked to take its next batch as it is), so later training
+    continues haiku's EMA from there. Layers stacked by `hk.layer_stack` are
+    recomputed each on its own; haiku's own `hk.BatchNorm` layers are left alone.
 
     Args:
       f: the `hk.transform_with_state` of a function using `jaxbn.haiku.BatchNorm`.
@@ -638,7 +645,7 @@ def recompute_batch_stats(
 
     Raises:
       ValueError: if the state holds no batch norm, `batches` is empty, or a
-        layer was never called.
+        jaxbn layer was never called.
 
     >>> import haiku as hk, jax.numpy as jnp, jaxbn.haiku
     >>> f = hk.transform_with_state(lambda x, training: jaxbn.haiku.BatchNorm(False, False, 0.9)(x, training))

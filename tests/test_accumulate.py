@@ -825,3 +825,37 @@ def test_haiku_layer_stack_accumulates_each_layer():
             assert int(new["counter"][layer]) == counter
             np.testing.assert_allclose(new["hidden"][layer, 0], hidden, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(new["average"][layer, 0], average, rtol=1e-5, atol=1e-5)
+
+
+def test_haiku_accumulation_leaves_haikus_own_batch_norm_alone():
+    """A model with haiku's own hk.BatchNorm too: it keeps haiku's update on every micro-batch (its unused pool
+    changes nothing and goes with enable=False); jaxbn's layer commits once from the whole batch."""
+    def net(x, is_training):
+        x = hk.BatchNorm(False, False, 0.9, name="theirs")(x, is_training)
+        return jaxbn.haiku.BatchNorm(False, False, 0.8, name="ours")(2.0 * x + 1.0, is_training)
+
+    xs, _ = _micro_batches()
+    f = hk.transform_with_state(net)
+    with jax.numpy_dtype_promotion("standard"):  # haiku's own layer mixes int32 and float32
+        params, state0 = f.init(None, xs[0], True)
+        acc = jaxbn.haiku.accumulate(state0)
+        for x in xs:
+            acc = jax.jit(lambda acc, x: f.apply(params, acc, None, x, True)[1])(acc, x)
+    out = jaxbn.haiku.accumulate(jaxbn.haiku.commit_moments(acc), enable=False)
+    assert jax.tree.structure(out) == jax.tree.structure(state0)
+    theirs = {s: (np.asarray(state0[f"theirs/~/{s}"]["hidden"][0], np.float64), 0) for s in ("mean_ema", "var_ema")}
+    for x in xs:
+        mean, var, _ = ref.moments(x)
+        for suffix, value in (("mean_ema", mean), ("var_ema", var)):
+            theirs[suffix] = _hk_ema(*theirs[suffix], value, 0.9)[:2]
+    h = np.concatenate([2.0 * ref.normalize(x, *ref.moments(x)[:2], eps=1e-5) + 1.0 for x in xs])
+    mean, var, _ = ref.moments(h)
+    for suffix, value in (("mean_ema", mean), ("var_ema", var)):
+        hidden, counter = theirs[suffix]
+        got = out[f"theirs/~/{suffix}"]
+        assert int(got["counter"]) == counter == len(xs)
+        np.testing.assert_allclose(got["average"][0], hidden / (1 - 0.9**counter), rtol=1e-5, atol=1e-5)
+        old = state0[f"ours/~/{suffix}"]
+        hidden, counter, average = _hk_ema(old["hidden"][0], int(old["counter"]), value, 0.8)
+        assert int(out[f"ours/~/{suffix}"]["counter"]) == counter
+        np.testing.assert_allclose(out[f"ours/~/{suffix}"]["average"][0], average, rtol=1e-5, atol=1e-5)
