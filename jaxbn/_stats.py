@@ -302,13 +302,13 @@ def _wide_combine(
     left for JAX's own differentiation rules.
     """
     if isinstance(n, int):
-        return _wide_sums((total, parts, n), 0, mean, lo, m2)
+        return _wide_sums((total, parts, n), None, mean, lo, m2)
     return _wide_sums((total, parts, None), n, mean, lo, m2)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _wide_sums(
-    static: tuple[Callable[[jax.Array], jax.Array], int, int | None], n: jax.Array | int, mean: jax.Array,
+    static: tuple[Callable[[jax.Array], jax.Array], int, int | None], n: jax.Array | None, mean: jax.Array,
     lo: jax.Array, m2: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`_wide_combine`'s float64 sums; `static` is (total, parts, the Python-int count or None)."""
