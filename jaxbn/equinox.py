@@ -22,6 +22,7 @@ Needs equinox (`pip install jaxbn[equinox]`); `import jaxbn` does not import it.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import partial
@@ -390,15 +391,37 @@ def _pool_apply(
         return y, combine_moments(pooled, part)
 
 
+class _FrozenBatchNorm(BatchNorm):
+    """A `BatchNorm` (same fields and leaves) that runs in inference whatever its call says (see `freeze`)."""
+
+    def __init__(self, layer: BatchNorm):
+        for field in dataclasses.fields(layer):
+            setattr(self, field.name, getattr(layer, field.name))
+        self.inference = True
+
+    def __call__(
+        self,
+        x: Array,
+        state: State,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+        mask: ArrayLike | None = None,
+    ) -> tuple[Array, State]:
+        del inference
+        return super().__call__(x, state, key=key, inference=True, mask=mask)
+
+
 def freeze(model: eqx.Module) -> eqx.Module:
     """`model` with every `jaxbn.equinox.BatchNorm` in inference: fine-tuning on the running statistics.
 
     Fine-tuning with frozen batch norms (torchvision's / detectron2's
     `FrozenBatchNorm2d`, praxis' `force_eval_mode`): the returned copy's
-    jaxbn BatchNorm layers have `inference=True`, so they normalize with the
-    running statistics and return the state unchanged, while every other
-    layer keeps its own `inference` (unlike `eqx.nn.inference_mode`, which
-    also turns dropout off). The statistics live in the `eqx.nn.State`, which
+    jaxbn BatchNorm layers run in inference whatever their call or
+    `eqx.nn.inference_mode` says (a call-time ``inference=False`` included),
+    so they normalize with the running statistics and return the state
+    unchanged, while every other layer keeps its own `inference` (unlike
+    `eqx.nn.inference_mode`, which also turns dropout off). The statistics live in the `eqx.nn.State`, which
     `eqx.filter_grad` does not differentiate; to freeze the layers' `weight`
     and `bias` as well, leave them out of the filter you differentiate.
 
@@ -406,7 +429,9 @@ def freeze(model: eqx.Module) -> eqx.Module:
       model: a pytree of equinox modules containing `jaxbn.equinox.BatchNorm` layers.
 
     Returns:
-      A copy of `model` whose jaxbn BatchNorm layers have `inference=True`.
+      A copy of `model` whose jaxbn BatchNorm layers always run in inference:
+      still `jaxbn.equinox.BatchNorm` instances with the same fields and
+      leaves (so `eqx.tree_serialise_leaves` files load both ways).
 
     >>> import equinox as eqx, jax.numpy as jnp, jaxbn.equinox
     >>> bn, state = eqx.nn.make_with_state(jaxbn.equinox.BatchNorm)(1, "batch", mode="batch")
@@ -415,7 +440,7 @@ def freeze(model: eqx.Module) -> eqx.Module:
     ([3.0], 0)
     """
     is_bn = lambda m: isinstance(m, BatchNorm)  # noqa: E731
-    return jax.tree.map(lambda m: eqx.tree_at(lambda b: b.inference, m, True) if is_bn(m) else m, model, is_leaf=is_bn)
+    return jax.tree.map(lambda m: _FrozenBatchNorm(m) if is_bn(m) else m, model, is_leaf=is_bn)
 
 
 def _layers(model: object) -> list[BatchNorm]:

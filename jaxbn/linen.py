@@ -8,7 +8,6 @@ unbiased running variance and `momentum=None` (cumulative average).
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import functools
 import inspect
@@ -56,8 +55,11 @@ def _lifted(collection: str) -> str:
             "in variable_axes, e.g. variable_axes={True: 0}")
 
 
-# Set by `freeze` around each jaxbn BatchNorm call it intercepts: None, "stats" or "all" (affine too).
-_FROZEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxbn_linen_frozen", default=None)
+# Set by `freeze` while its function runs: None, "stats" or "all" (affine too). A jax user context,
+# so it is part of jit's cache key: a function traced frozen is not reused unfrozen, nor the reverse.
+_FROZEN = jax.make_user_context(None)
+# Set by `convert` while its function runs: the overrides of each enclosing `convert` (for jit's cache too).
+_CONVERTED = jax.make_user_context(())
 
 # A collection no jaxbn code ever names: mutable only under `mutable=True`.
 _ANY_COLLECTION = "jaxbn_any_collection_probe"
@@ -185,7 +187,7 @@ class BatchNorm(nn.Module):
           The normalized input, shape of `x`.
         """
         initializing = self.is_initializing()
-        frozen = _FROZEN.get()
+        frozen = _FROZEN.value
         if not (initializing or frozen):
             _check_lifted(self, PRECISE_COLLECTION, "recompute_batch_stats cannot collect the moments")
         collecting = not initializing and not frozen and _collects_moments(self)
@@ -235,23 +237,6 @@ class BatchNorm(nn.Module):
         return y
 
 
-def _frozen_layer(
-    mode: str,
-    next_fun: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    context: nn.module.InterceptorContext,
-) -> Any:
-    """A method interceptor that runs every jaxbn BatchNorm call frozen (see `freeze`)."""
-    if not (isinstance(context.module, BatchNorm) and context.method_name == "__call__"):
-        return next_fun(*args, **kwargs)
-    token = _FROZEN.set(mode)
-    try:
-        return next_fun(*args, **kwargs)
-    finally:
-        _FROZEN.reset(token)
-
-
 def freeze(apply_fn: Callable[..., Any], *, affine: bool = True) -> Callable[..., Any]:
     """`apply_fn` with every `jaxbn.linen.BatchNorm` frozen: fine-tuning on the running statistics.
 
@@ -264,9 +249,10 @@ def freeze(apply_fn: Callable[..., Any], *, affine: bool = True) -> Callable[...
     `flax.linen.BatchNorm` layers are not affected: convert them first,
     ``freeze(convert(model.apply))``.
 
-    Call the returned function inside the function you differentiate or
-    jit (the layers are frozen while it traces them), not around an already
-    jitted function.
+    The layers are frozen while the returned function runs, and jit's cache
+    tells frozen and unfrozen traces apart: call it inside or around a jitted
+    function (``freeze(jax.jit(model.apply))`` works), and a function jitted
+    elsewhere runs frozen inside it and unfrozen outside it.
 
     Args:
       apply_fn: usually `model.apply`; any function that runs Linen modules.
@@ -287,7 +273,7 @@ def freeze(apply_fn: Callable[..., Any], *, affine: bool = True) -> Callable[...
 
     @functools.wraps(apply_fn)
     def frozen(*args: Any, **kwargs: Any) -> Any:
-        with nn.intercept_methods(functools.partial(_frozen_layer, mode)):
+        with _FROZEN(mode):
             return apply_fn(*args, **kwargs)
 
     return frozen
@@ -507,12 +493,13 @@ def convert(apply_fn: Callable[..., Any], **overrides: Any) -> Callable[..., Any
     `jaxbn.linen` applies: ``freeze(convert(model.apply))``, accumulation
     (the `MOMENTS` collection, `commit_moments`), and
     ``convert(recompute_batch_stats)(model, variables, batches)``.
-    `apply_fn` is any function that runs Linen modules; call the returned
-    function inside the function you jit or differentiate (the layers are
-    converted while it traces them), not around an already jitted function.
-    If its first call converts no layer, it warns (`UserWarning`): the model
-    has no `flax.linen.BatchNorm`, or it ran from a jit cache traced
-    without conversion.
+    `apply_fn` is any function that runs Linen modules. The layers are
+    converted while the returned function runs, and jit's cache tells
+    converted and plain traces apart: call it inside or around a jitted
+    function (``convert(jax.jit(model.apply))`` works). If its first call
+    converts no layer, it warns (`UserWarning`): the model has no
+    `flax.linen.BatchNorm`, or it ran from a jit cache traced under another
+    `convert` with the same overrides.
 
     Args:
       apply_fn: usually `model.apply`; any function that runs Linen modules.
@@ -539,11 +526,13 @@ def convert(apply_fn: Callable[..., Any], **overrides: Any) -> Callable[..., Any
     check_overrides(overrides, _CONVERT_FIELDS, "jaxbn.linen.convert")
     Options(**{k: v for k, v in overrides.items() if k in _OPTION_FIELDS})  # bad values fail here
     first = FirstUse("flax.linen.BatchNorm", "jaxbn.linen.convert")
+    key = repr(sorted(overrides.items()))  # equal overrides convert alike: they may share jit's traces
 
     @functools.wraps(apply_fn)
     def converted(*args: Any, **kwargs: Any) -> Any:
         layers: list[str] = []
-        with nn.intercept_methods(functools.partial(_converted_layer, dict(overrides), layers)):
+        with (_CONVERTED((*_CONVERTED.value, key)),
+              nn.intercept_methods(functools.partial(_converted_layer, dict(overrides), layers))):
             out = apply_fn(*args, **kwargs)
         first.done(len(layers))
         return out

@@ -7,6 +7,7 @@ gradient, and the batch norm's affine parameters get a gradient or not, as chose
 """
 
 import equinox as eqx
+import flax
 import flax.linen as nn
 import haiku as hk
 import jax
@@ -251,3 +252,118 @@ def test_haiku_freeze(affine):
     # Unfrozen, the same call updates the averages.
     _, trained = hk.transform_with_state(_hk_net).apply(params, state, None, X, True)
     assert not np.allclose(trained["bn/~/mean_ema"]["average"], MEAN[None])
+
+
+def _linen_setup():
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), X, train=False)
+    variables = {"params": variables["params"], "batch_stats": {"bn": {"mean": MEAN, "var": VAR}}}
+    p = variables["params"]
+    ref = reference(p["Dense_0"]["kernel"], p["Dense_0"]["bias"], p["bn"]["scale"], p["bn"]["bias"],
+                    p["Dense_1"]["kernel"], p["Dense_1"]["bias"])
+    return model, variables, ref
+
+
+def _assert_frozen(out, variables, ref):
+    y, updates = out
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+
+
+def _assert_trained(out):
+    _, updates = out
+    assert not np.allclose(updates["batch_stats"]["bn"]["mean"], MEAN)
+
+
+def test_linen_freeze_and_jit_cache():
+    """A function jitted outside `freeze` runs frozen inside it (and one traced under `freeze` runs
+    unfrozen outside it), whichever ran first: jit's cache tells them apart."""
+    model, variables, ref = _linen_setup()
+
+    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    _assert_trained(step(variables, X))                                    # traced unfrozen first
+    _assert_frozen(jaxbn.linen.freeze(step)(variables, X), variables, ref)  # then frozen: not from the cache
+    _assert_trained(step(variables, X))
+
+    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    frozen_step = jax.jit(jaxbn.linen.freeze(lambda v, x: step(v, x)))    # traced frozen first, inside a jit
+    _assert_frozen(frozen_step(variables, X), variables, ref)
+    _assert_trained(step(variables, X))
+    _assert_frozen(frozen_step(variables, X), variables, ref)
+
+    # Traced frozen (nothing written), then called unfrozen without a mutable batch_stats: flax's error.
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=True))
+    np.testing.assert_allclose(np.asarray(jaxbn.linen.freeze(forward)(variables, X)), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(flax.errors.ModifyScopeVariableError):
+        forward(variables, X)
+
+    # freeze around an already jitted apply.
+    apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+    frozen = jaxbn.linen.freeze(apply, affine=False)
+    _assert_frozen(frozen(variables, X, train=True, mutable=("batch_stats",)), variables, ref)
+    _assert_trained(apply(variables, X, train=True, mutable=("batch_stats",)))
+
+
+def test_equinox_freeze_holds_under_call_time_inference():
+    """A frozen layer called with `inference=False` (or after `eqx.nn.inference_mode(model, False)`)
+    in a jitted training step normalizes with the stored statistics and returns the state unchanged."""
+
+    class TrainingCall(eqx.Module):
+        bn: jaxbn.equinox.BatchNorm
+
+        def __call__(self, x, state):
+            return self.bn(x, state, inference=False)
+
+    model, state = eqx.nn.make_with_state(TrainingCall)(jaxbn.equinox.BatchNorm(3, "batch", momentum=0.9,
+                                                                                 mode="batch"))
+    state = state.set(model.bn.batch_state_index, (jnp.asarray(MEAN), jnp.asarray(VAR)))
+    x = np.asarray(X[:, :3])
+    want = (x.astype(np.float64) - MEAN) / np.sqrt(np.asarray(VAR, np.float64) + EPS)
+    want = want * np.asarray(model.bn.weight, np.float64) + np.asarray(model.bn.bias, np.float64)
+
+    @eqx.filter_jit
+    def step(m, s):
+        def loss(m):
+            y, s2 = jax.vmap(m, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(jnp.asarray(x), s)
+            return loss_of(y), (y, s2)
+        (_, aux), grads = eqx.filter_value_and_grad(loss, has_aux=True)(m)
+        return aux, grads
+
+    for frozen in (jaxbn.equinox.freeze(model), eqx.nn.inference_mode(jaxbn.equinox.freeze(model), False)):
+        (y, new_state), grads = step(frozen, state)
+        np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+        for index in (model.bn.batch_state_index, model.bn.batch_counter):
+            jax.tree.map(np.testing.assert_array_equal, new_state.get(index), state.get(index))
+        assert_nonzero([grads.bn.weight, grads.bn.bias])
+    (_, new_state), _ = step(model, state)  # unfrozen, the same step trains
+    assert new_state.get(model.bn.batch_counter) == 1
+
+
+def test_equinox_frozen_model_serialises_as_the_model(tmp_path):
+    model, state = eqx.nn.make_with_state(EqxNet)(jax.random.key(0))
+    frozen = jaxbn.equinox.freeze(model)
+    eqx.tree_serialise_leaves(tmp_path / "frozen.eqx", frozen)
+    loaded = eqx.tree_deserialise_leaves(tmp_path / "frozen.eqx", model)
+    assert jax.tree.structure(loaded) == jax.tree.structure(model)  # (the saved `inference` flag loads too)
+    jax.tree.map(np.testing.assert_array_equal, eqx.filter(loaded, eqx.is_array), eqx.filter(model, eqx.is_array))
+    eqx.tree_serialise_leaves(tmp_path / "model.eqx", model)
+    back = eqx.tree_deserialise_leaves(tmp_path / "model.eqx", frozen)
+    assert type(back.bn) is type(frozen.bn)
+    y, same = _eqx_forward(back, state)
+    ref = reference(model.dense0.weight.T, model.dense0.bias, model.bn.weight, model.bn.bias,
+                    model.dense1.weight.T, model.dense1.bias, mean=np.zeros(3), var=np.ones(3))
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+    assert same.get(model.bn.batch_counter) == 0
+
+
+def test_linen_convert_and_jit_cache():
+    """`convert` (which `freeze` takes): a function jitted outside it runs converted inside it, and plain outside."""
+    model = nn.BatchNorm(use_running_average=False, momentum=0.0)  # flax's own layer: E[x^2] - E[x]^2
+    x = 1e4 + jnp.array([[-1.0], [1.0]])
+    variables = model.init(jax.random.key(0), x)
+    step = jax.jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"])[1]["batch_stats"]["var"])
+    assert step(variables, x).tolist() == [0.0]                                      # flax's, traced first
+    assert jaxbn.linen.convert(step)(variables, x).tolist() == [1.0]                 # float64: exactly 1
+    apply = jaxbn.linen.convert(jax.jit(model.apply, static_argnames="mutable"), momentum=0.5)
+    assert apply(variables, x, mutable=("batch_stats",))[1]["batch_stats"]["var"].tolist() == [1.0]  # .5 + .5 * 1
+    assert step(variables, x).tolist() == [0.0]
