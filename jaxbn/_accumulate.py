@@ -235,8 +235,8 @@ def commit_layer(
     """
     commit: Callable[..., tuple[RunningStats, Moments]]
     commit = functools.partial(commit_moments, apply=apply, momentum=momentum, unbiased=unbiased)
-    lead = jnp.ndim(stats.count)
-    if 0 < lead < jnp.ndim(stats.mean) and jnp.shape(stats.count) == jnp.shape(stats.mean)[:lead]:
-        for _ in range(lead):
+    stack_axes = jnp.ndim(stats.count)
+    if 0 < stack_axes < jnp.ndim(stats.mean) and jnp.shape(stats.count) == jnp.shape(stats.mean)[:stack_axes]:
+        for _ in range(stack_axes):
             commit = jax.vmap(commit)
     return commit(stats, pooled)
