@@ -26,7 +26,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -399,17 +399,8 @@ class _FrozenBatchNorm(BatchNorm):
             setattr(self, field.name, getattr(layer, field.name))
         self.inference = True
 
-    def __call__(
-        self,
-        x: Array,
-        state: State,
-        *,
-        key: PRNGKeyArray | None = None,
-        inference: bool | None = None,
-        mask: ArrayLike | None = None,
-    ) -> tuple[Array, State]:
-        del inference
-        return super().__call__(x, state, key=key, inference=True, mask=mask)
+    def __call__(self, x: Array, state: State, **kwargs: Any) -> tuple[Array, State]:
+        return super().__call__(x, state, **{**kwargs, "inference": True})
 
 
 def freeze(model: eqx.Module) -> eqx.Module:

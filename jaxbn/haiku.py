@@ -481,7 +481,7 @@ def _empty_pool(state: Mapping[str, Any], name: str) -> dict[str, jax.Array]:
 
 
 def _per_layer(fn: Callable[..., Any], state: Mapping[str, Any], name: str) -> Callable[..., Any]:
-    """`fn` of one layer's entries, mapped over the leading axes of an `hk.layer_stack` (those of `counter`)."""
+    """`fn` of one layer's entries, mapped over the stack axes of an `hk.layer_stack` (the axes of `counter`)."""
     for _ in range(jnp.ndim(state[name + _EMAS[0]]["counter"])):
         fn = jax.vmap(fn)
     return fn
